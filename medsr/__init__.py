@@ -1,0 +1,24 @@
+"""medsr: optimized super-resolution for medical images.
+
+Heavy modules (torch, onnxruntime, TensorRT, pydicom) are imported lazily so that
+``import medsr`` and the CLIs start fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medsr.api import Upscaler
+
+__all__ = ["Upscaler", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Upscaler":
+        from medsr.api import Upscaler
+
+        return Upscaler
+    raise AttributeError(f"module 'medsr' has no attribute {name!r}")

@@ -1,0 +1,38 @@
+"""A small frozen description of a super-resolution model (after spandrel's descriptors)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    """What the runtime and exporter need to know about a network, and nothing more.
+
+    ``size_multiple``: LR height and width must be multiples of it (pixel-unshuffle factor).
+    """
+
+    arch: str
+    scale: int
+    in_channels: int
+    out_channels: int
+    num_feat: int
+    num_block: int
+    num_grow_ch: int
+    size_multiple: int = 1
+    supports_half: bool = True
+    supports_bf16: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelDescriptor:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def with_channels(self, channels: int) -> ModelDescriptor:
+        d = self.to_dict()
+        d.update(in_channels=channels, out_channels=channels)
+        return ModelDescriptor(**d)

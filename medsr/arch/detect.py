@@ -1,0 +1,78 @@
+"""State-dict detection: infer an RRDBNet configuration from its parameter names and shapes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from medsr.arch.descriptor import ModelDescriptor
+from medsr.arch.rrdbnet import UNSHUFFLE, RRDBNet
+
+_WRAPPERS = ("params_ema", "params", "state_dict", "model", "net_g")
+_PREFIXES = ("module.", "model.", "net_g.")
+
+
+class UnsupportedModelError(ValueError):
+    """The state dict is not an RRDBNet this package knows how to build."""
+
+
+def unwrap_state_dict(obj: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """Return the tensor dict from an official checkpoint (``params_ema`` preferred over ``params``)."""
+    sd: Mapping[str, object] = obj
+    for key in _WRAPPERS:
+        inner = sd.get(key) if isinstance(sd, Mapping) else None
+        if isinstance(inner, Mapping) and inner:
+            sd = inner
+            break
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    if not out:
+        raise UnsupportedModelError("no tensors found in the checkpoint")
+    return out
+
+
+def detect_rrdbnet(sd: Mapping[str, torch.Tensor]) -> ModelDescriptor:
+    """Infer scale, channels, blocks and widths of a BasicSR RRDBNet state dict."""
+    need = ("conv_first.weight", "conv_body.weight", "conv_up1.weight", "conv_up2.weight", "conv_hr.weight", "conv_last.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise UnsupportedModelError(f"not a Real-ESRGAN RRDBNet state dict (missing {', '.join(missing)})")
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"body\.(\d+)\.rdb1\.conv1\.weight$", k))}
+    if not blocks or blocks != set(range(len(blocks))):
+        raise UnsupportedModelError("RRDBNet body blocks are missing or not numbered 0..N-1")
+    num_feat = int(sd["conv_first.weight"].shape[0])
+    in_total = int(sd["conv_first.weight"].shape[1])
+    out_ch = int(sd["conv_last.weight"].shape[0])
+    num_grow = int(sd["body.0.rdb1.conv1.weight"].shape[0])
+    for scale, r in UNSHUFFLE.items():
+        if in_total == out_ch * r * r:
+            return ModelDescriptor(
+                arch="RRDBNet",
+                scale=scale,
+                in_channels=out_ch,
+                out_channels=out_ch,
+                num_feat=num_feat,
+                num_block=len(blocks),
+                num_grow_ch=num_grow,
+                size_multiple=r,
+            )
+    raise UnsupportedModelError(
+        f"cannot infer the scale: conv_first takes {in_total} channels, conv_last gives {out_ch}"
+    )
+
+
+def build_from_state_dict(obj: Mapping[str, object], strict: bool = True) -> RRDBNet:
+    """Build an RRDBNet and load the weights (accepts wrapped official checkpoints)."""
+    sd = unwrap_state_dict(obj)
+    model = RRDBNet.from_descriptor(detect_rrdbnet(sd))
+    model.load_state_dict(sd, strict=strict)
+    return model.eval()

@@ -1,0 +1,69 @@
+"""The one small interface every inference backend implements (PyTorch, ONNX Runtime, TensorRT)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from medsr.arch.descriptor import ModelDescriptor
+
+
+class BackendError(RuntimeError):
+    """A backend could not be created or could not run (message says why and what to do)."""
+
+
+class NonFiniteOutputError(BackendError):
+    """A tile produced NaN/Inf (typically fp16 overflow)."""
+
+
+@dataclass(frozen=True)
+class TileLimits:
+    """LR tile shapes (halo included) a backend accepts. An engine's optimization profile maps here."""
+
+    min_hw: tuple[int, int] = (1, 1)
+    max_hw: tuple[int, int] | None = None  # None: no upper limit
+    max_batch: int | None = None
+    multiple: int = 1
+
+    def accepts(self, h: int, w: int) -> bool:
+        if h % self.multiple or w % self.multiple:
+            return False
+        if h < self.min_hw[0] or w < self.min_hw[1]:
+            return False
+        return self.max_hw is None or (h <= self.max_hw[0] and w <= self.max_hw[1])
+
+
+class Backend(ABC):
+    """``run(batch[N,C,h,w] float32 in [0,1] on self.device) -> [N,C,h*s,w*s] float32``.
+
+    Implementations may compute in lower precision internally; they return float32 on ``device``.
+    """
+
+    name: str = "backend"
+    descriptor: ModelDescriptor
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    preferred_batch: int = 1
+
+    @property
+    def scale(self) -> int:
+        return self.descriptor.scale
+
+    @property
+    def channels(self) -> int:
+        return self.descriptor.in_channels
+
+    def tile_limits(self) -> TileLimits:
+        return TileLimits(multiple=self.descriptor.size_multiple)
+
+    @abstractmethod
+    def run(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def fallback(self) -> Backend | None:
+        """A higher-precision backend to re-run a tile whose output is not finite, if any."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device resources."""
