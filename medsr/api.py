@@ -1,0 +1,203 @@
+"""Python runtime API for PACS integrations and scripts.
+
+>>> from medsr import Upscaler
+>>> up = Upscaler.from_pretrained("realesrgan-x4plus")       # PyTorch, CPU or CUDA
+>>> hr = up(lr_uint16)                                         # numpy in, numpy out, same dtype
+>>> up.upscale_file("in.dcm", "out/in.dcm")                   # format and bit depth kept
+>>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived Dataset
+
+Thread safety: one Upscaler may be shared between threads; calls are serialised by a lock (one
+backend = one device queue). For parallel throughput use one Upscaler per thread/GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medsr.runtime.adapters import GrayViaRGB, PerChannel
+from medsr.runtime.backend import Backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medsr.io import Image
+    from medsr.runtime import TileConfig
+
+_INT_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+
+
+class Upscaler:
+    """Upscales whole images through the tiled runtime on one backend.
+
+    ``backend`` serves the model's native channel count; gray and RGB inputs are adapted
+    (exact gray fold for PyTorch models, replicate/average or per-channel for fixed engines).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: TileConfig | None = None,
+        *,
+        model_id: str = "custom",
+        variants: dict[int, Backend] | None = None,
+    ) -> None:
+        from medsr.runtime import TileConfig
+
+        self.backend = backend
+        self.config = config or TileConfig()
+        self.model_id = model_id
+        self._variants: dict[int, Backend] = {backend.channels: backend, **(variants or {})}
+        self._lock = threading.Lock()
+
+    # construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str] = "realesrgan-x4plus",
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        tile: int | None = None,
+        overlap: int | None = None,
+        batch: int | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> Upscaler:
+        """A registered model name or a weights file (.pth/.safetensors/ncnn .param), on PyTorch."""
+        from medsr.arch import fold_to_gray
+        from medsr.runtime import TorchBackend
+        from medsr.weights import load_model
+
+        lm = load_model(name_or_path)
+
+        def make(model: Any) -> Backend:
+            return TorchBackend(model, device=device, precision=precision, channels_last=channels_last, compile=compile)
+
+        backend = make(lm.model)
+        variants: dict[int, Backend] = {}
+        if lm.descriptor.in_channels == 3:
+            variants[1] = make(fold_to_gray(lm.model))
+        config = _config(backend, tile, overlap, batch)
+        return cls(backend, config, model_id=lm.model_id, variants=variants)
+
+    @classmethod
+    def from_engine(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        tile: int | None = None,
+        overlap: int | None = None,
+        batch: int | None = None,
+    ) -> Upscaler:
+        """A built engine or model file: .plan/.engine (TensorRT), .onnx (ONNX Runtime), or weights."""
+        p = Path(path)
+        if p.suffix.lower() in {".pth", ".pt", ".safetensors", ".param"}:
+            return cls.from_pretrained(p, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
+        from medsr.runtime.engines import open_backend
+
+        backend = open_backend(p, device=device, precision=precision)
+        model_id = getattr(backend, "model_id", None) or p.stem
+        return cls(backend, _config(backend, tile, overlap, batch), model_id=model_id)
+
+    # properties ------------------------------------------------------------------------------
+    @property
+    def scale(self) -> int:
+        return self.backend.scale
+
+    def backend_for(self, channels: int) -> Backend:
+        """The backend that serves ``channels``-channel images (created on first use)."""
+        b = self._variants.get(channels)
+        if b is None:
+            if channels not in (1, 3):
+                raise ValueError(f"images must have 1 or 3 channels, got {channels}")
+            b = GrayViaRGB(self.backend) if channels == 1 else PerChannel(self.backend, channels)
+            self._variants[channels] = b
+        return b
+
+    # numpy -----------------------------------------------------------------------------------
+    def __call__(self, array: np.ndarray, *, on_tiles: Any = None) -> np.ndarray:
+        """Upscale a numpy image: uint8/uint16 (full range) or float in [0, 1]; H x W or H x W x C.
+
+        Returns the same dtype (float inputs give float32) and layout, ``scale`` times larger.
+        """
+        from medsr.runtime import upscale_array
+
+        arr = np.asarray(array)
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3)):
+            raise ValueError(f"expected an H x W or H x W x C (C = 1 or 3) image, got shape {arr.shape}")
+        if arr.dtype in _INT_MAX:
+            peak = _INT_MAX[arr.dtype]
+            x = arr.astype(np.float32) / peak
+            out_dtype = arr.dtype
+
+            def convert(strip: np.ndarray) -> np.ndarray:
+                return np.clip(np.rint(strip * peak), 0, peak).astype(out_dtype)
+        elif np.issubdtype(arr.dtype, np.floating):
+            x = arr.astype(np.float32, copy=False)
+            out_dtype = np.dtype(np.float32)
+            convert = None
+        else:
+            raise ValueError(f"unsupported dtype {arr.dtype}: use uint8, uint16 or float in [0, 1]")
+        hwc = x if x.ndim == 3 else x[..., None]
+        s = self.scale
+        out = np.empty((hwc.shape[0] * s, hwc.shape[1] * s, hwc.shape[2]), dtype=out_dtype)
+        with self._lock:
+            upscale_array(self.backend_for(hwc.shape[2]), hwc, self.config, out=out, convert=convert, on_tiles=on_tiles)
+        return out if arr.ndim == 3 else out[..., 0]
+
+    # medsr.io images ---------------------------------------------------------------------------
+    def upscale_image(self, img: Image, *, on_tiles: Any = None) -> Image:
+        """Upscale an :class:`medsr.io.Image`, keeping format, bit depth and photometric."""
+        from medsr.io import float_to_stored, make_output, to_float
+        from medsr.runtime import upscale_array
+
+        x = to_float(img)
+        s = self.scale
+        shape = (img.height * s, img.width * s) + ((img.channels,) if img.pixels.ndim == 3 else ())
+        out = np.empty(shape, dtype=img.pixels.dtype)
+        with self._lock:
+            upscale_array(
+                self.backend_for(x.shape[2]),
+                x,
+                self.config,
+                out=out,
+                convert=lambda strip: float_to_stored(strip, img),
+                on_tiles=on_tiles,
+            )
+        return make_output(img, out, s, self.model_id)
+
+    def upscale_file(
+        self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, on_tiles: Any = None
+    ) -> Path:
+        """Read ``src``, upscale, write ``dst`` atomically in the same format and bit depth."""
+        from medsr.io import read_image, write_image
+
+        src, dst = Path(src), Path(dst)
+        if dst.exists() and dst.resolve() == src.resolve():
+            raise ValueError(f"{dst}: refusing to write over the input file")
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst}: output exists (pass overwrite=True to replace it)")
+        img = read_image(src)
+        return write_image(self.upscale_image(img, on_tiles=on_tiles), dst)
+
+    def upscale_dicom(self, ds: Any) -> Any:
+        """Upscale a pydicom Dataset; returns the derived Dataset (new UIDs, spacing / scale)."""
+        from medsr.io.dicom import image_from_dataset
+
+        return self.upscale_image(image_from_dataset(ds)).dataset
+
+
+def _config(backend: Backend, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:
+    from medsr.runtime import TileConfig
+
+    d = TileConfig()
+    return TileConfig(
+        tile=tile if tile is not None else d.tile,
+        overlap=overlap if overlap is not None else d.overlap,
+        batch=batch if batch is not None else backend.preferred_batch,
+    )

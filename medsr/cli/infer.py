@@ -1,0 +1,118 @@
+"""medsr-infer: upscale files and folders (PNG/JPEG/TIFF/DICOM, 8/16-bit), keeping format and depth."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    megapixels: float = 0.0
+
+
+def collect_jobs(inputs: list[Path], outdir: Path) -> list[Job]:
+    """Files as given; directories walked recursively (hidden files skipped), structure mirrored."""
+    jobs: list[Job] = []
+    for inp in inputs:
+        if inp.is_dir():
+            for f in sorted(inp.rglob("*")):
+                rel = f.relative_to(inp)
+                if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    jobs.append(Job(f, outdir / inp.name / rel if len(inputs) > 1 else outdir / rel))
+        else:
+            jobs.append(Job(inp, outdir / inp.name))
+    return jobs
+
+
+def _load_upscaler(engine: str | None, model: str | None, **kw: object):
+    from medsr.api import Upscaler
+
+    if engine:
+        return Upscaler.from_engine(engine, **kw)  # type: ignore[arg-type]
+    return Upscaler.from_pretrained(model or "realesrgan-x4plus", **kw)  # type: ignore[arg-type]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder; input folder structure is mirrored inside it.")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False),
+              help="Engine or model file: .plan (TensorRT), .onnx (ONNX Runtime), .pth/.safetensors (PyTorch).")
+@click.option("--model", help="Registered model name or weights path (default: realesrgan-x4plus).")
+@click.option("--tile", type=int, default=None, help="LR tile edge in pixels, overlap included.")
+@click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
+@click.option("--batch", type=int, default=None, help="Tiles per backend call.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
+         overlap: int | None, batch: int | None, device: str, precision: str, overwrite: bool, quiet: bool) -> None:
+    """Upscale INPUTS (files or folders, recursive) into OUTDIR."""
+    from tqdm import tqdm
+
+    if engine and model:
+        raise click.UsageError("give --engine or --model, not both")
+    jobs = collect_jobs(list(inputs), outdir)
+    input_files = {j.src.resolve() for j in jobs}
+    try:
+        up = _load_upscaler(engine, model, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
+    except Exception as e:  # one clear line, no traceback: missing weights, bad engine, bad arguments
+        click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
+        sys.exit(2)
+
+    summary = Summary()
+    t0 = time.perf_counter()
+    files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
+    tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
+    for job in files_bar:
+        if job.dst.resolve() in input_files:
+            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
+            continue
+        if job.dst.exists() and not overwrite:
+            summary.skipped += 1
+            continue
+        try:
+            tiles_bar.reset()
+            from medsr.io import read_image, write_image
+
+            img = read_image(job.src)
+            job.dst.parent.mkdir(parents=True, exist_ok=True)
+            write_image(up.upscale_image(img, on_tiles=tiles_bar.update), job.dst)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            msg = str(e) if str(job.src) in str(e) else f"{job.src}: {e}"
+            summary.failed.append((job.src, f"{type(e).__name__}: {msg}" if not str(e) else msg))
+            tqdm.write(f"FAILED {msg}", file=sys.stderr)
+            continue
+        summary.written += 1
+        summary.megapixels += img.height * img.width / 1e6
+    tiles_bar.close()
+    files_bar.close()
+    dt = time.perf_counter() - t0
+    click.echo(
+        f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed; "
+        f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}"
+    )
+    for src, msg in summary.failed:
+        click.echo(f"  failed: {msg}", err=True)
+    sys.exit(1 if summary.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
