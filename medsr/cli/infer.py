@@ -96,8 +96,10 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            msg = str(e) if str(job.src) in str(e) else f"{job.src}: {e}"
-            summary.failed.append((job.src, f"{type(e).__name__}: {msg}" if not str(e) else msg))
+            msg = str(e) or type(e).__name__
+            if job.src.name not in msg:
+                msg = f"{job.src}: {msg}"
+            summary.failed.append((job.src, msg))
             tqdm.write(f"FAILED {msg}", file=sys.stderr)
             continue
         summary.written += 1
