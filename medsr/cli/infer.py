@@ -111,7 +111,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed; "
         f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}"
     )
-    for src, msg in summary.failed:
+    for _src, msg in summary.failed:
         click.echo(f"  failed: {msg}", err=True)
     sys.exit(1 if summary.failed else 0)
 
