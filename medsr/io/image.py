@@ -1,12 +1,23 @@
-"""In-memory image with what is needed to write it back (format, bit depth, photometric, DICOM)."""
+"""In-memory image with what is needed to write it back (format, bit depth, photometric, DICOM).
+
+Also the format-independent entry points: :func:`read_image` / :func:`write_image` (dispatch on
+content and suffix), :func:`to_float` / :func:`float_to_stored` (the model's [0, 1] view of the
+stored values and back) and :func:`make_output` (an output :class:`Image` that keeps the input's
+format and bit depth). Nothing here logs or puts patient data in messages: only paths, shapes,
+dtypes and format details.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("medsr.io")
 
 
 class ImageReadError(ValueError):
@@ -19,19 +30,23 @@ class ImageWriteError(OSError):
 
 @dataclass
 class Image:
-    """Pixels as stored (H x W or H x W x C, uint8/uint16/float32; colour in RGB order).
+    """Pixels as stored (H x W or H x W x C, uint8/uint16/int16; colour in RGB order).
 
     ``max_value``: the value that maps to 1.0 when normalising (255, 65535, or 2**BitsStored-1).
-    ``photometric``: MONOCHROME2 (dark = low), MONOCHROME1 (dark = high, DICOM), RGB.
-    ``dataset``: the source pydicom Dataset for DICOM input, else None.
+    ``photometric``: MONOCHROME2 (dark = low), MONOCHROME1 (dark = high: DICOM, or TIFF
+    min-is-white), RGB.
+    ``dataset``: the source pydicom Dataset for DICOM input (the derived one for DICOM output),
+    else None. It is kept out of ``repr`` so that logging an Image never prints patient data.
+    ``meta``: format details (``bits_stored``, ``signed``, ``png_bit_depth``, ``jpeg_quality``,
+    ``tiff_compression``, ``tiff_resolution``, ``alpha_dropped``, ``transfer_syntax``, ...).
     """
 
-    pixels: np.ndarray
+    pixels: np.ndarray = field(repr=False)
     format: str  # "png" | "jpeg" | "tiff" | "dicom"
     max_value: int
     photometric: str = "MONOCHROME2"
     path: Path | None = None
-    dataset: Any = None
+    dataset: Any = field(default=None, repr=False)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -49,3 +64,267 @@ class Image:
     @property
     def dtype(self) -> np.dtype:
         return self.pixels.dtype
+
+    @property
+    def bits_stored(self) -> int:
+        """Significant bits per sample (BitsStored for DICOM, the container depth otherwise)."""
+        return int(self.meta.get("bits_stored", self.pixels.dtype.itemsize * 8))
+
+    @property
+    def signed(self) -> bool:
+        """True for DICOM PixelRepresentation 1 (two's complement stored values)."""
+        return bool(self.meta.get("signed", False))
+
+    @property
+    def value_range(self) -> tuple[int, int]:
+        """Smallest and largest storable value (the BitsStored range)."""
+        bits = self.bits_stored
+        if self.signed:
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return 0, int(self.max_value)
+
+    def __repr__(self) -> str:  # shape/dtype only: never pixel values or DICOM attributes
+        return (
+            f"Image(format={self.format!r}, shape={tuple(self.pixels.shape)}, dtype={self.pixels.dtype}, "
+            f"max_value={self.max_value}, photometric={self.photometric!r}, path={self.path!r})"
+        )
+
+
+# --------------------------------------------------------------------------------------- suffixes
+
+RASTER_SUFFIXES: dict[str, str] = {
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".jpe": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+}
+DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
+SUPPORTED_SUFFIXES: set[str] = set(RASTER_SUFFIXES) | set(DICOM_SUFFIXES)
+#: suffix used by :func:`output_suffix` per format
+DEFAULT_SUFFIX: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
+
+
+def is_supported(path: str | os.PathLike[str]) -> bool:
+    """True for a supported suffix (case-insensitive), or no suffix (read as DICOM)."""
+    suffix = Path(path).suffix.lower()
+    return suffix in SUPPORTED_SUFFIXES or suffix == ""
+
+
+def output_suffix(img: Image, path: str | os.PathLike[str] | None = None) -> str:
+    """The suffix to give an output of ``img``: the input's own suffix when it agrees with the
+    format (so ``a.tiff`` -> ``.tiff``, DICOM without suffix -> ``""``), else the default one."""
+    if path is not None:
+        suffix = Path(path).suffix.lower()
+        if _suffix_agrees(img.format, suffix):
+            return Path(path).suffix
+    return DEFAULT_SUFFIX[img.format]
+
+
+def _suffix_agrees(fmt: str, suffix: str) -> bool:
+    suffix = suffix.lower()
+    if fmt == "dicom":
+        return suffix in DICOM_SUFFIXES or suffix == ""
+    return RASTER_SUFFIXES.get(suffix) == fmt
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Format from the first 132+ bytes of a file, or None when no signature matches."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def read_image(path: str | os.PathLike[str]) -> Image:
+    """Read a PNG/JPEG/TIFF/DICOM file; the format comes from the content, the suffix only decides
+    whether a file without a known signature is tried as (preamble-less) DICOM.
+
+    Raises :class:`ImageReadError` (naming the file and the problem) for anything unreadable.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except FileNotFoundError:
+        raise ImageReadError(f"{p}: file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{p}: is a directory, not an image file") from None
+    except OSError as e:
+        raise ImageReadError(f"{p}: cannot open ({e.strerror or type(e).__name__})") from None
+    if not head:
+        raise ImageReadError(f"{p}: file is empty")
+
+    fmt = sniff_format(head)
+    if fmt is None:
+        if suffix in DICOM_SUFFIXES or suffix == "":
+            fmt = "dicom"  # DICOM without the 128-byte preamble: pydicom decides
+        elif suffix in RASTER_SUFFIXES:
+            raise ImageReadError(
+                f"{p}: not a valid {RASTER_SUFFIXES[suffix].upper()} file (unrecognised file signature)"
+            )
+        else:
+            raise ImageReadError(
+                f"{p}: unsupported file type {suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})"
+            )
+    elif suffix and suffix in SUPPORTED_SUFFIXES and not _suffix_agrees(fmt, suffix):
+        log.warning("%s: content is %s although the suffix says %s; reading as %s", p, fmt, suffix, fmt)
+
+    if fmt == "dicom":
+        from medsr.io.dicom import read_dicom
+
+        img = read_dicom(p)
+    else:
+        from medsr.io.raster import read_raster
+
+        img = read_raster(p, fmt)
+    log.debug(
+        "read %s: %s %s %s max=%d %s",
+        p,
+        img.format,
+        tuple(img.pixels.shape),
+        img.dtype,
+        img.max_value,
+        img.photometric,
+    )
+    return img
+
+
+# ------------------------------------------------------------------------------------ normalising
+
+
+def _offset(img: Image) -> int:
+    return 2 ** (img.bits_stored - 1) if img.signed else 0
+
+
+def to_float(img: Image) -> np.ndarray:
+    """Stored values -> float32 H x W x C in [0, 1] (C = 1 for gray).
+
+    ``(v + offset) / max_value`` with offset 2**(BitsStored-1) for signed DICOM; MONOCHROME1 is
+    inverted (``1 - x``) so that the model always sees MONOCHROME2 polarity.
+    """
+    a = img.pixels
+    if a.ndim == 2:
+        a = a[:, :, None]
+    x = a.astype(np.float32)
+    off = _offset(img)
+    if off:
+        x += np.float32(off)
+    x *= np.float32(1.0 / img.max_value)
+    np.clip(x, 0.0, 1.0, out=x)
+    if img.photometric == "MONOCHROME1":
+        np.subtract(np.float32(1.0), x, out=x)
+    return x
+
+
+def float_to_stored(strip: np.ndarray, like: Image) -> np.ndarray:
+    """Inverse of :func:`to_float` for a float strip h x W x C (or h x W): clip to [0, 1],
+    re-invert MONOCHROME1, scale, round, clip to the BitsStored range, cast to ``like.dtype``.
+
+    Works row-strip by row-strip (no whole-image statistics). Returns h x W for one channel,
+    h x W x C otherwise.
+    """
+    x = np.asarray(strip, dtype=np.float32)
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[:, :, 0]
+    x = np.clip(x, 0.0, 1.0)
+    if like.photometric == "MONOCHROME1":
+        np.subtract(np.float32(1.0), x, out=x)
+    x *= np.float32(like.max_value)
+    np.rint(x, out=x)
+    off = _offset(like)
+    if off:
+        x -= np.float32(off)
+    lo, hi = like.value_range
+    np.clip(x, lo, hi, out=x)
+    return x.astype(like.dtype)
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def make_output(src: Image, pixels: np.ndarray, scale: int, model_id: str) -> Image:
+    """The output Image for ``pixels`` (already stored dtype/layout, ``scale`` x the input size):
+    same format, bit depth and photometric as ``src``; for DICOM a derived dataset
+    (:func:`medsr.io.dicom.derive_dicom`)."""
+    if pixels.dtype != src.dtype:
+        raise ValueError(f"output pixels are {pixels.dtype}, expected the input's {src.dtype}")
+    if pixels.shape[:2] != (src.height * scale, src.width * scale) or (pixels.ndim == 3) != (
+        src.pixels.ndim == 3
+    ):
+        raise ValueError(
+            f"output pixels have shape {pixels.shape}, expected {src.height * scale} x {src.width * scale}"
+            f"{'' if src.pixels.ndim == 2 else f' x {src.channels}'}"
+        )
+    meta = dict(src.meta)
+    meta["scale"] = scale
+    meta["model_id"] = model_id
+    meta.pop("alpha_dropped", None)
+    res = meta.get("tiff_resolution")
+    if res is not None:
+        meta["tiff_resolution"] = (float(res[0]) * scale, float(res[1]) * scale)
+    dataset = None
+    if src.format == "dicom":
+        from medsr.io.dicom import derive_dicom
+
+        dataset = derive_dicom(src.dataset, pixels, scale, model_id)
+    return Image(
+        pixels=pixels,
+        format=src.format,
+        max_value=src.max_value,
+        photometric=src.photometric,
+        path=None,
+        dataset=dataset,
+        meta=meta,
+    )
+
+
+def write_image(img: Image, path: str | os.PathLike[str]) -> Path:
+    """Write ``img`` in its own format (``img.format``; the suffix of ``path`` must agree) atomically:
+    a temporary file in the destination directory, then ``os.replace``. Returns the path.
+
+    Raises :class:`ImageWriteError`; on failure no partial file remains and an existing destination
+    is left untouched.
+    """
+    from medsr.io.atomic import atomic_write_path
+
+    dest = Path(path)
+    if img.format not in DEFAULT_SUFFIX:
+        raise ImageWriteError(f"{dest}: unknown image format {img.format!r}")
+    if not _suffix_agrees(img.format, dest.suffix):
+        raise ImageWriteError(
+            f"{dest}: suffix {dest.suffix!r} does not match the image format {img.format!r} "
+            f"(use {DEFAULT_SUFFIX[img.format]!r})"
+        )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write_path(dest) as tmp:
+            if img.format == "dicom":
+                from medsr.io.dicom import write_dicom
+
+                write_dicom(img, tmp)
+            else:
+                from medsr.io.raster import write_raster
+
+                write_raster(img, tmp)
+    except ImageWriteError as e:
+        raise ImageWriteError(f"{dest}: {e}") from None
+    except OSError as e:
+        raise ImageWriteError(f"{dest}: cannot write ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # encoder errors; DICOM messages could quote attribute values: type only
+        detail = type(e).__name__ if img.format == "dicom" else f"{type(e).__name__}: {e}"
+        raise ImageWriteError(f"{dest}: cannot encode {img.format} ({detail})") from None
+    log.debug("wrote %s: %s %s %s", dest, img.format, tuple(img.pixels.shape), img.dtype)
+    return dest

@@ -1,0 +1,51 @@
+"""Image I/O: PNG/JPEG/TIFF (8/16-bit, gray/RGB) and DICOM, keeping format and bit depth."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from medsr.io.atomic import atomic_write_path
+from medsr.io.image import (
+    SUPPORTED_SUFFIXES,
+    Image,
+    ImageReadError,
+    ImageWriteError,
+    float_to_stored,
+    is_supported,
+    make_output,
+    output_suffix,
+    read_image,
+    to_float,
+    write_image,
+)
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    import numpy as np
+
+
+def derive_dicom(
+    src_ds: Any, pixels: np.ndarray, scale: int, model_id: str, *, now: datetime | None = None
+) -> Any:
+    """The derived DICOM dataset (see :func:`medsr.io.dicom.derive_dicom`); pydicom loads lazily."""
+    from medsr.io.dicom import derive_dicom as _derive
+
+    return _derive(src_ds, pixels, scale, model_id, now=now)
+
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "Image",
+    "ImageReadError",
+    "ImageWriteError",
+    "atomic_write_path",
+    "derive_dicom",
+    "float_to_stored",
+    "is_supported",
+    "make_output",
+    "output_suffix",
+    "read_image",
+    "to_float",
+    "write_image",
+]
