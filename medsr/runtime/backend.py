@@ -39,6 +39,9 @@ class Backend(ABC):
     """``run(batch[N,C,h,w] float32 in [0,1] on self.device) -> [N,C,h*s,w*s] float32``.
 
     Implementations may compute in lower precision internally; they return float32 on ``device``.
+    Non-finite values must not be hidden (e.g. by clamping Inf to 1): the tiled runtime checks every
+    tile and re-runs bad ones on :meth:`fallback`. Backends are not thread-safe: use one per thread,
+    or serialise calls with a lock (``medsr.Upscaler`` does).
     """
 
     name: str = "backend"
@@ -67,3 +70,31 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` checked.
+
+    Raises :class:`BackendError` for unknown names or a CUDA device that is not available.
+    """
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise BackendError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(
+                f"device {device!r} requested but CUDA is not available (no GPU, or a CPU-only torch build); "
+                "use device='cpu' or 'auto'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
