@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import tiny_rrdb
+
+from medsr.cli.infer import main
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny_x4.pth"
+    torch.save({"params_ema": tiny_rrdb(4, 3).state_dict()}, p)
+    return p
+
+
+@pytest.fixture
+def folder(tmp_path: Path, rng: np.random.Generator) -> Path:
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    cv2.imwrite(str(d / "gray8.png"), (rng.random((13, 17)) * 255).astype(np.uint8))
+    cv2.imwrite(str(d / "sub" / "gray16.png"), (rng.random((11, 9)) * 65535).astype(np.uint16))
+    cv2.imwrite(str(d / "sub" / "rgb.tif"), (rng.random((8, 10, 3)) * 255).astype(np.uint8))
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(64))
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, ["--quiet", "--device", "cpu", "--tile", "16", "--overlap", "4", *args])
+
+
+def test_folder_with_bad_files(folder: Path, tmp_path: Path, model_path: Path) -> None:
+    before = _digest(folder)
+    out = tmp_path / "out"
+    res = _run("--model", str(model_path), str(folder), "-o", str(out))
+    assert res.exit_code == 1, res.output
+    # good files written, mirroring structure, same format and bit depth
+    g8 = cv2.imread(str(out / "gray8.png"), cv2.IMREAD_UNCHANGED)
+    g16 = cv2.imread(str(out / "sub" / "gray16.png"), cv2.IMREAD_UNCHANGED)
+    rgb = cv2.imread(str(out / "sub" / "rgb.tif"), cv2.IMREAD_UNCHANGED)
+    assert g8.dtype == np.uint8 and g8.shape == (52, 68)
+    assert g16.dtype == np.uint16 and g16.shape == (44, 36)
+    assert rgb.shape == (32, 40, 3)
+    # bad ones reported by name, no partial or temporary files left behind
+    assert "corrupt.png" in res.output and "notes.txt" in res.output
+    assert "3 written" in res.output and "2 failed" in res.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "gray8.png", "sub/gray16.png", "sub/rgb.tif"]
+    assert "Traceback" not in res.output
+    # inputs untouched
+    assert _digest(folder) == before
+
+    # a re-run skips existing outputs; --overwrite replaces them
+    stamp = (out / "gray8.png").stat().st_mtime_ns
+    res2 = _run("--model", str(model_path), str(folder), "-o", str(out))
+    assert "3 skipped" in res2.output and res2.exit_code == 1
+    assert (out / "gray8.png").stat().st_mtime_ns == stamp
+    res3 = _run("--model", str(model_path), "--overwrite", str(folder / "gray8.png"), "-o", str(out))
+    assert res3.exit_code == 0 and "1 written" in res3.output
+
+
+def test_never_writes_over_an_input(folder: Path, model_path: Path) -> None:
+    before = _digest(folder)
+    res = _run("--model", str(model_path), "--overwrite", str(folder / "gray8.png"), "-o", str(folder))
+    assert res.exit_code == 1 and "overwrite an input" in res.output
+    assert _digest(folder) == before
+
+
+def test_missing_model_is_one_clear_line(folder: Path, tmp_path: Path) -> None:
+    res = _run("--model", str(tmp_path / "nope.pth"), str(folder), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 2
+    assert "cannot load the model" in res.output and "nope.pth" in res.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_engine_and_model_are_exclusive(folder: Path, model_path: Path, tmp_path: Path) -> None:
+    res = _run("--model", "x", "--engine", str(model_path), str(folder), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_dicom_through_the_cli(tmp_path: Path, model_path: Path, rng: np.random.Generator) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Secret^Name", "P1", "CR"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 10, 12, 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (rng.random((10, 12)) * 4095).astype(np.uint16).tobytes()
+    src = tmp_path / "dcm" / "IMG0001"
+    src.parent.mkdir()
+    ds.save_as(src, enforce_file_format=True)
+    res = _run("--model", str(model_path), str(src.parent), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    out = pydicom.dcmread(tmp_path / "o" / "IMG0001")
+    assert (out.Rows, out.Columns, out.PhotometricInterpretation) == (40, 48, "MONOCHROME1")
+    assert "Secret" not in res.output
