@@ -1,0 +1,113 @@
+"""medsr-export: weights -> ONNX (fp32, fp16) with parity checks -> TensorRT engine + JSON sidecar."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_name", help="Registered model name (default: the recipe's model).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights file (.pth/.safetensors/.param).")
+@click.option("--recipe", default="cxr_x4", show_default=True, help="Export recipe (export/*.toml).")
+@click.option("--fp16/--no-fp16", default=None, help="Also export the fp16 ONNX and build the engine from it (default: recipe).")
+@click.option("--onnx-only", is_flag=True, help="Stop after the ONNX files (no TensorRT engine).")
+@click.option("--tile", type=int, help="LR tile edge incl. overlap; the engine profile's opt/max (default: recipe).")
+@click.option("--batch", type=int, help="Tiles per call: the profile's opt batch (default: recipe).")
+@click.option("--max-batch", type=int, help="The profile's max batch (default: recipe).")
+@click.option("--opset", type=int, help="ONNX opset, >= 17 (default: recipe).")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.option("--workspace-gib", type=float, default=4.0, show_default=True, help="TensorRT workspace limit.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file (default: <output dir>/timing.cache).")
+@click.option("-o", "--output", help="Engine (.plan) or ONNX (.onnx) path (default: the recipe's, e.g. engines/cxr_x4.plan).")
+def main(
+    model_name: str | None,
+    weights: str | None,
+    recipe: str,
+    fp16: bool | None,
+    onnx_only: bool,
+    tile: int | None,
+    batch: int | None,
+    max_batch: int | None,
+    opset: int | None,
+    exporter: str,
+    workspace_gib: float,
+    opt_level: int,
+    timing_cache: str | None,
+    output: str | None,
+) -> None:
+    """Export a super-resolution model to ONNX and build a TensorRT engine (when TensorRT and a GPU exist)."""
+    from medsr.arch import fold_to_gray
+    from medsr.export import export_onnx, fp16_path_for, get_recipe
+    from medsr.export.tensorrt import build_engine, profile_for_tiles, tensorrt_status
+    from medsr.runtime.backend import BackendError
+    from medsr.weights import load_model
+
+    if model_name and weights:
+        raise click.UsageError("give --model or --weights, not both")
+    try:
+        r = get_recipe(recipe)
+    except (KeyError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    spec = weights or model_name or r.model
+    try:
+        loaded = load_model(spec)
+    except Exception as e:
+        raise click.ClickException(f"cannot load {spec}: {e}") from e
+    model, desc = loaded.model, loaded.descriptor
+    if desc.scale != r.scale:
+        raise click.ClickException(f"{spec} is x{desc.scale} but recipe {r.name} is x{r.scale}; pick a matching --recipe")
+    model_id = loaded.model_id
+    if r.channels == 1 and model.num_in_ch == 3:
+        model, model_id = fold_to_gray(model), f"{loaded.model_id}+gray"
+    elif r.channels != model.num_in_ch:
+        raise click.ClickException(f"recipe {r.name} wants {r.channels} channels, {spec} has {model.num_in_ch}")
+    out = Path(output or r.output or f"engines/{r.name}.plan")
+    explicit_engine = output is not None and out.suffix.lower() in ENGINE_SUFFIXES
+    if out.suffix.lower() == ".onnx":
+        onnx_only, onnx32 = True, out
+    else:
+        onnx32 = out.with_suffix(".onnx")
+    want16 = r.fp16 if fp16 is None else fp16
+    try:
+        click.echo(f"[medsr-export] {model_id} (x{desc.scale}, {model.num_in_ch} ch) recipe {r.name}")
+        res = export_onnx(model, onnx32, precision="fp32", model_id=model_id, weights_sha256=loaded.sha256,
+                          opset=opset or r.opset, exporter=exporter)
+        click.echo(f"  wrote {res.path} ({res.path.stat().st_size / 1e6:.1f} MB, {res.seconds:.1f} s); {res.parity}")
+        engine_src = res.path
+        if want16:
+            res16 = export_onnx(model, fp16_path_for(onnx32), precision="fp16", model_id=model_id,
+                                weights_sha256=loaded.sha256, opset=opset or r.opset, exporter=exporter)
+            kept = f", kept in fp32: {', '.join(res16.kept_fp32)}" if res16.kept_fp32 else ""
+            click.echo(f"  wrote {res16.path} ({res16.path.stat().st_size / 1e6:.1f} MB, {res16.seconds:.1f} s); "
+                       f"{res16.parity}{kept}")
+            engine_src = res16.path
+    except Exception as e:
+        raise click.ClickException(f"ONNX export failed: {e}") from e
+    if onnx_only:
+        click.echo("  --onnx-only: no engine built")
+        return
+    ok, why = tensorrt_status()
+    if not ok:
+        click.echo(f"  engine step SKIPPED: {why}. The ONNX files above are complete and validated; "
+                   f"build {out} on a machine with TensorRT 10+ and a CUDA GPU (same command).", err=True)
+        sys.exit(1 if explicit_engine else 0)
+    profile = profile_for_tiles(res.descriptor, tile=tile or r.tile, overlap=r.overlap, batch=batch or r.batch,
+                                max_batch=max_batch or r.max_batch)
+    try:
+        side = build_engine(engine_src, out, profile=profile, model_id=model_id, weights_sha256=loaded.sha256,
+                            workspace_gib=workspace_gib, opt_level=opt_level, timing_cache=timing_cache)
+    except BackendError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"  wrote {out} + {out.with_suffix('.json').name}: TensorRT {side['tensorrt_version']}, "
+               f"{side['gpu_name']} (sm {side['compute_capability']}), profile {side['profile']}, "
+               f"{side['build'].get('seconds')} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

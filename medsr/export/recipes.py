@@ -1,0 +1,116 @@
+"""Export recipes: which model, channel fold, tile profile and output name.
+
+Single source of truth: the ``export/*.toml`` files at the repository top level. An installed package
+(no repo checkout) uses :data:`BUILTIN`, a verbatim copy; a test asserts both agree.
+Set ``MEDSR_RECIPES`` to a folder to use other recipes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RECIPE = "cxr_x4"
+
+BUILTIN: dict[str, dict[str, Any]] = {
+    "cxr_x4": {
+        "description": "Chest X-ray, x4: Real-ESRGAN x4plus folded exactly to 1 channel (gray in, gray out)",
+        "model": "realesrgan-x4plus",
+        "channels": 1,
+        "scale": 4,
+        "tile": 256,
+        "overlap": 16,
+        "batch": 4,
+        "max_batch": 8,
+        "opset": 18,
+        "fp16": True,
+        "output": "engines/cxr_x4.plan",
+    },
+    "retina_x2": {
+        "description": "Retina fundus photographs, x2: Real-ESRGAN x2plus, RGB",
+        "model": "realesrgan-x2plus",
+        "channels": 3,
+        "scale": 2,
+        "tile": 256,
+        "overlap": 16,
+        "batch": 4,
+        "max_batch": 8,
+        "opset": 18,
+        "fp16": True,
+        "output": "engines/retina_x2.plan",
+    },
+    "realesrgan_x4plus": {
+        "description": "Real-ESRGAN x4plus as released, RGB, x4",
+        "model": "realesrgan-x4plus",
+        "channels": 3,
+        "scale": 4,
+        "tile": 256,
+        "overlap": 16,
+        "batch": 4,
+        "max_batch": 8,
+        "opset": 18,
+        "fp16": True,
+        "output": "engines/realesrgan_x4plus.plan",
+    },
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str
+    channels: int
+    scale: int
+    tile: int = 256
+    overlap: int = 16
+    batch: int = 4
+    max_batch: int = 8
+    opset: int = 18
+    fp16: bool = True
+    output: str = ""
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recipes_dir() -> Path | None:
+    env = os.environ.get("MEDSR_RECIPES")
+    if env:
+        return Path(env)
+    top = Path(__file__).resolve().parents[2] / "export"
+    return top if top.is_dir() and any(top.glob("*.toml")) else None
+
+
+def _raw() -> dict[str, dict[str, Any]]:
+    d = recipes_dir()
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: built-in copies only
+        d = None
+    if d is None:
+        return {k: dict(v) for k, v in BUILTIN.items()}
+    out = {}
+    for f in sorted(d.glob("*.toml")):
+        with open(f, "rb") as fh:
+            out[f.stem] = tomllib.load(fh)
+    return out
+
+
+def list_recipes() -> list[str]:
+    return sorted(_raw())
+
+
+def get_recipe(name: str) -> Recipe:
+    raw = _raw()
+    key = name.removesuffix(".toml")
+    if key not in raw:
+        raise KeyError(f"unknown export recipe {name!r}; known: {', '.join(sorted(raw))}")
+    fields = Recipe.__dataclass_fields__
+    data = {k: v for k, v in raw[key].items() if k in fields}
+    unknown = set(raw[key]) - set(fields)
+    if unknown:
+        raise ValueError(f"recipe {key}: unknown keys {sorted(unknown)}")
+    return Recipe(name=key, **data)
