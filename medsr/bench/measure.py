@@ -1,0 +1,215 @@
+"""Measurement primitives: wall-clock timing, host/GPU memory high-water, GEMM peak, FLOPs, error.
+
+Everything here is small and dependency-light; torch and psutil are imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def model_flops(descriptor: Any, lr_pixels: float) -> float:
+    """Analytic FLOPs (2 x MACs) of one forward pass over ``lr_pixels`` LR input pixels."""
+    from medsr.arch import rrdbnet_macs_per_lr_pixel
+
+    return 2.0 * rrdbnet_macs_per_lr_pixel(descriptor) * float(lr_pixels)
+
+
+# -------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of each timed repeat (warm-up excluded)."""
+
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.seconds))
+
+    @property
+    def best(self) -> float:
+        return float(min(self.seconds))
+
+    @property
+    def stdev(self) -> float:
+        return float(statistics.stdev(self.seconds)) if len(self.seconds) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "median_s": self.median, "best_s": self.best, "stdev_s": self.stdev}
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Any = "cpu") -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (device synchronised)."""
+    for _ in range(max(0, warmup)):
+        fn()
+    synchronize(device)
+    out: list[float] = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return Timing(out)
+
+
+# -------------------------------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass
+class MemoryWatch:
+    """Context manager: host RSS high-water (sampled by a thread) and CUDA peak allocation.
+
+    ``peak_rss`` is the highest sampled RSS (bytes); ``baseline_rss`` the RSS on entry, so
+    ``peak_rss - baseline_rss`` is what the watched code added. ``peak_gpu`` is
+    ``torch.cuda.max_memory_allocated`` (torch allocations only; ORT/TensorRT allocate outside it),
+    or None without CUDA.
+    """
+
+    interval_s: float = 0.002
+    device: Any = "cpu"
+    baseline_rss: int = 0
+    peak_rss: int = 0
+    peak_gpu: int | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, int(proc.memory_info().rss))
+            except psutil.Error:  # pragma: no cover - process accounting hiccup
+                pass
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> MemoryWatch:
+        import torch
+
+        self.baseline_rss = rss_bytes()
+        self.peak_rss = self.baseline_rss
+        dev = torch.device(self.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_rss = max(self.peak_rss, rss_bytes())
+        dev = torch.device(self.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            self.peak_gpu = int(torch.cuda.max_memory_allocated(dev))
+
+    @property
+    def added_rss(self) -> int:
+        return max(0, self.peak_rss - self.baseline_rss)
+
+
+# ------------------------------------------------------------------------------------------ GEMM peak
+
+
+def gemm_peak_tflops(device: Any = "cpu", precision: str = "fp32", n: int | None = None, repeats: int = 3) -> dict[str, Any]:
+    """Achieved TFLOP/s of a square ``torch.matmul`` (n x n x n) in ``precision`` on ``device``.
+
+    The reference "peak" that model throughput is compared against: measured in the same process,
+    under the same load, so the ratio is meaningful even on a busy machine.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if n is None:
+        n = 8192 if dev.type == "cuda" else 2048
+    dtype = getattr(torch, _DTYPES[precision])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dev, dtype)
+    b = torch.randn(n, n, generator=g).to(dev, dtype)
+    timing = time_call(lambda: torch.matmul(a, b), repeats=repeats, warmup=1, device=dev)
+    flops = 2.0 * n**3
+    return {
+        "device": dev.type,
+        "precision": precision,
+        "n": n,
+        "tflops": flops / timing.best / 1e12,
+        "best_s": timing.best,
+    }
+
+
+# --------------------------------------------------------------------------------------------- error
+
+
+def error_stats(out: np.ndarray, ref: np.ndarray, clip: bool = True) -> dict[str, float]:
+    """Max abs difference and PSNR (dB, peak 1.0, all channels) of ``out`` against ``ref``.
+
+    ``clip``: compare within the image range [0, 1] (backends may clamp their output, some do not).
+    """
+    a = np.asarray(out, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    if clip:
+        a, b = np.clip(a, 0.0, 1.0), np.clip(b, 0.0, 1.0)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    diff = a - b
+    mse = float(np.mean(diff * diff))
+    return {
+        "max_abs_err": float(np.max(np.abs(diff))) if diff.size else 0.0,
+        "psnr_db": math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def synthetic_radiograph(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A deterministic radiograph-like gray image in [0, 1] (H x W float32): smooth anatomy + edges + noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy /= max(1, h - 1)
+    xx /= max(1, w - 1)
+    img = 0.25 + 0.35 * np.exp(-(((xx - 0.3) / 0.18) ** 2 + ((yy - 0.5) / 0.35) ** 2))
+    img += 0.35 * np.exp(-(((xx - 0.7) / 0.18) ** 2 + ((yy - 0.5) / 0.35) ** 2))
+    for k in range(1, 9):  # rib-like bands
+        img += 0.04 * np.sin(2 * np.pi * (k * 1.7 * yy + 0.3 * xx)) * np.exp(-k / 4)
+    img[(np.abs(xx - 0.5) < 0.03)] += 0.2  # spine
+    img += rng.normal(0.0, 0.01, size=(h, w)).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)

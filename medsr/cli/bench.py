@@ -1,0 +1,73 @@
+"""medsr-bench: run the available inference paths on the same inputs and report speed, memory, error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+PRESETS = ("smoke", "quick", "full")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--smoke", "preset", flag_value="smoke", help="Tiny model, seconds (what CI runs).")
+@click.option("--quick", "preset", flag_value="quick", help="Real x4plus, small inputs and tiles, few repeats.")
+@click.option("--full", "preset", flag_value="full", help="Real x4plus, realistic tiles and sizes (slow on CPU).")
+@click.option("--model", default=None, help="'tiny', a registered name (realesrgan-x4plus) or a weights file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--tile", type=int, default=None, help="LR tile size for the path table.")
+@click.option("--batch", type=int, default=None, help="Tiles per backend call.")
+@click.option("--repeats", type=int, default=None, help="Timed repeats per path (median reported).")
+@click.option("--paths", "paths", default=None, help="Comma-separated paths (default: the preset's; 'all').")
+@click.option("--no-scaling", is_flag=True, help="Skip the image-size scaling and overhead sections.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default benchmarks/results/<host>-<date>).")
+def main(preset: str | None, model: str | None, device: str, tile: int | None, batch: int | None,
+         repeats: int | None, paths: str | None, no_scaling: bool, out: Path | None) -> None:
+    """Benchmark every inference path (PyTorch, ONNX Runtime, TensorRT) against PyTorch fp32.
+
+    Prints ms per tile, LR MP/s, achieved TFLOP/s and % of a GEMM peak measured in the same run,
+    peak host/GPU memory and the error vs fp32; writes results.json, results.md and PNG plots.
+    Paths that cannot run here are listed as "skipped: <reason>".
+    """
+    from medsr.bench.paths import PATH_NAMES, PathSkipped, resolve_device
+    from medsr.bench.report import default_out_dir, paths_table, write_report
+    from medsr.bench.runner import BenchConfig, run_bench
+
+    try:
+        dev = resolve_device(device)
+    except PathSkipped as e:
+        raise click.UsageError(f"--device {device}: {e}") from e
+    cfg = BenchConfig.preset_config(preset or "quick", dev)  # no flag: the quick settings
+    cfg.device = dev
+    if any(v is not None for v in (model, tile, batch, repeats, paths)):
+        cfg.preset += "+overrides"
+    if model is not None:
+        cfg.model = model
+    if tile is not None:
+        cfg.tile = tile
+    if batch is not None:
+        cfg.batch = batch
+    if repeats is not None:
+        cfg.repeats = repeats
+    if paths:
+        names = list(PATH_NAMES) if paths.strip() == "all" else [p.strip() for p in paths.split(",") if p.strip()]
+        unknown = [n for n in names if n not in PATH_NAMES]
+        if unknown:
+            raise click.UsageError(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATH_NAMES)}")
+        cfg.paths = names
+    if no_scaling:
+        cfg.scaling_sizes, cfg.overhead_hw = [], None
+    try:
+        result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    files = write_report(result, out or default_out_dir())
+    click.echo(paths_table(result))
+    click.echo("")
+    for name, path in files.items():
+        click.echo(f"wrote {name}: {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
