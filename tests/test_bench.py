@@ -183,3 +183,10 @@ def test_timing_memory_and_gemm_helpers() -> None:
     assert mem.peak_rss >= mem.baseline_rss > 0 and mem.peak_gpu is None
     peak = gemm_peak_tflops("cpu", "fp32", n=64, repeats=1)
     assert peak["tflops"] > 0 and peak["n"] == 64
+
+
+def test_cli_rejects_unknown_paths(tmp_path: Path) -> None:
+    from medsr.cli.bench import main
+
+    res = CliRunner().invoke(main, ["--smoke", "--paths", "torch-fp32,warp-drive", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "warp-drive" in res.output

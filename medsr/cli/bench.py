@@ -19,11 +19,12 @@ PRESETS = ("smoke", "quick", "full")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
 @click.option("--repeats", type=int, default=None, help="Timed repeats per path (median reported).")
 @click.option("--paths", "paths", default=None, help="Comma-separated paths (default: the preset's; 'all').")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--no-scaling", is_flag=True, help="Skip the image-size scaling and overhead sections.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default benchmarks/results/<host>-<date>).")
 def main(preset: str | None, model: str | None, device: str, tile: int | None, batch: int | None,
-         repeats: int | None, paths: str | None, no_scaling: bool, out: Path | None) -> None:
+         repeats: int | None, paths: str | None, threads: int | None, no_scaling: bool, out: Path | None) -> None:
     """Benchmark every inference path (PyTorch, ONNX Runtime, TensorRT) against PyTorch fp32.
 
     Prints ms per tile, LR MP/s, achieved TFLOP/s and % of a GEMM peak measured in the same run,
@@ -34,6 +35,10 @@ def main(preset: str | None, model: str | None, device: str, tile: int | None, b
     from medsr.bench.report import default_out_dir, paths_table, write_report
     from medsr.bench.runner import BenchConfig, run_bench
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
         dev = resolve_device(device)
     except PathSkipped as e:
