@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def _pad_reflect(img: np.ndarray, hp: int, wp: int) -> np.ndarray:
 
 @pytest.mark.parametrize("hw", [(37, 53), (61, 29), (33, 33)])
 @pytest.mark.parametrize("cfg", [TileConfig(16, 4, 2, 3), TileConfig(20, 8, 2, 2), TileConfig(24, 6, 3, 4)])
-def test_conv_tiled_equals_whole(rng, hw, cfg):
+@pytest.mark.parametrize("fit", [True, False])
+def test_conv_tiled_equals_whole(rng, hw, cfg, fit):
+    cfg = replace(cfg, fit=fit)
     b = ConvBackend(scale=2, channels=2)
     img = rng.random((*hw, 2), dtype=np.float32)
     got = upscale_array(b, img, cfg)
@@ -88,8 +91,9 @@ def test_conv_tiled_equals_whole(rng, hw, cfg):
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (1, 37), (41, 1), (5, 9), (10, 3)])
-def test_small_and_thin_images(rng, hw):
-    cfg = TileConfig(12, 4, 2, 2)
+@pytest.mark.parametrize("fit", [True, False])
+def test_small_and_thin_images(rng, hw, fit):
+    cfg = TileConfig(12, 4, 2, 2, fit=fit)
     img = rng.random((*hw, 1), dtype=np.float32)
     near = NearestBackend(scale=4)
     np.testing.assert_allclose(upscale_array(near, img, cfg), _whole(near, img), atol=1e-6, rtol=0)
@@ -119,7 +123,9 @@ def test_x2_size_multiple_odd_sizes(rng, hw):
     [TileConfig(16, 4), TileConfig(16, 4, 0), TileConfig(16, 8, 4), TileConfig(10, 9, 1), TileConfig(32, 16, 2, 5)],
 )
 @pytest.mark.parametrize("hw", [(50, 47), (17, 33)])
-def test_constant_stays_constant(cfg, hw):
+@pytest.mark.parametrize("fit", [True, False])
+def test_constant_stays_constant(cfg, hw, fit):
+    cfg = replace(cfg, fit=fit)
     img = np.full((*hw, 1), 0.37, dtype=np.float32)
     got = upscale_array(NearestBackend(scale=2), img, cfg)
     np.testing.assert_allclose(got, 0.37, atol=1e-6, rtol=0)
@@ -133,7 +139,7 @@ def test_constant_stays_constant(cfg, hw):
 
 
 def test_geometry_same_size_shifted_last_and_border_weights():
-    cfg = TileConfig(tile=16, overlap=4, halo=1)
+    cfg = TileConfig(tile=16, overlap=4, halo=1, fit=False)
     plan = plan_tiles(45, 30, cfg)
     assert plan.tile_hw == (16, 16)
     ys = sorted({y for y, _ in plan.tiles})
@@ -156,15 +162,36 @@ def test_geometry_same_size_shifted_last_and_border_weights():
 
 
 def test_image_smaller_than_tile_is_padded():
-    plan = plan_tiles(5, 7, TileConfig(tile=32, overlap=8))
+    plan = plan_tiles(5, 7, TileConfig(tile=32, overlap=8, fit=False))
     assert plan.padded_hw == (32, 32) and plan.tiles == [(0, 0)]
+
+
+def test_fit_shrinks_tiles_without_adding_any():
+    for hw in [(1024, 1024), (3000, 2500), (512, 300), (45, 30)]:
+        fixed = plan_tiles(*hw, TileConfig(fit=False))
+        fitted = plan_tiles(*hw, TileConfig())
+        assert fitted.num_tiles == fixed.num_tiles
+        assert fitted.tile_hw[0] <= 256 and fitted.tile_hw[1] <= 256
+        assert fitted.extra_pixel_ratio <= fixed.extra_pixel_ratio
+        # every tile of an image shares one shape, and the overlap is never below the configured one
+        for ax in (fitted.y_axis, fitted.x_axis):
+            starts = ax.starts
+            tile = fitted.tile_hw[0] if ax is fitted.y_axis else fitted.tile_hw[1]
+            assert all(b - a <= tile - 16 for a, b in zip(starts, starts[1:], strict=False))
+    # 1024 px: 5 tiles of 218 instead of 5 of 256 (13 % instead of 56 % extra pixels)
+    plan = plan_tiles(1024, 1024, TileConfig())
+    assert plan.tile_hw == (218, 218) and plan.extra_pixel_ratio < 0.14
+    # small images are not padded up to a whole tile; size multiple and engine minimum still hold
+    assert plan_tiles(100, 77, TileConfig()).padded_hw == (100, 77)
+    small = plan_tiles(10, 11, TileConfig(tile=64, overlap=8), TileLimits(min_hw=(32, 32), multiple=4))
+    assert small.tile_hw == (32, 32) and small.padded_hw == (32, 32)
 
 
 def test_limits_clamp_and_batch():
     lim = TileLimits(min_hw=(64, 64), max_hw=(128, 96), max_batch=2, multiple=4)
-    plan = plan_tiles(300, 300, TileConfig(tile=256, overlap=16, batch=8), lim)
+    plan = plan_tiles(300, 300, TileConfig(tile=256, overlap=16, batch=8, fit=False), lim)
     assert plan.tile_hw == (128, 96) and plan.batch == 2
-    plan = plan_tiles(300, 300, TileConfig(tile=32, overlap=16), lim)
+    plan = plan_tiles(300, 300, TileConfig(tile=32, overlap=16, fit=False), lim)
     assert plan.tile_hw == (64, 64)
 
 

@@ -42,12 +42,17 @@ class TileConfig:
     ``overlap``: pixels shared by neighbouring tiles. ``halo``: pixels dropped at each interior tile
     edge before blending (default ``overlap // 4``); the remaining ``overlap - 2*halo`` is feathered.
     ``batch``: tiles per backend call.
+    ``fit``: shrink the tile (per image, per axis) to the smallest size that covers the image with the
+    same number of tiles, so a 1024-px axis takes 5 tiles of 218 instead of 5 of 256 (all tiles of an
+    image still share one shape). ``fit=False`` keeps exactly ``tile`` and reflect-pads images smaller
+    than a tile (for static-shape engines).
     """
 
     tile: int = 256
     overlap: int = 16
     halo: int | None = None
     batch: int = 4
+    fit: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tile", "overlap", "batch"):
@@ -216,8 +221,19 @@ def _fit_tile(tile: int, overlap: int, limits: TileLimits) -> tuple[int, int]:
     return fitted[0], fitted[1]
 
 
+def _shrink(length: int, tile: int, overlap: int, multiple: int, lowest: int) -> int:
+    """Smallest tile (multiple of ``multiple``, >= ``lowest``) covering ``length`` with as many tiles as ``tile``."""
+    if length <= tile:
+        t = length
+    else:
+        n = math.ceil((length - overlap) / (tile - overlap))
+        t = math.ceil((length - overlap) / n) + overlap
+    t = max(_round_up(t, multiple), _round_up(max(1, lowest), multiple), overlap + multiple)
+    return min(t, tile)
+
+
 def plan_tiles(height: int, width: int, config: TileConfig, limits: TileLimits | None = None) -> TilePlan:
-    """Plan the tiles of an ``height x width`` LR image.
+    """Plan the tiles of an ``height x width`` LR image (see :class:`TileConfig` for ``fit``).
 
     ``limits`` (the backend's :class:`TileLimits`): tile and overlap must be multiples of
     ``limits.multiple`` (ValueError otherwise); a tile outside ``[min_hw, max_hw]`` is clamped to the
@@ -229,6 +245,9 @@ def plan_tiles(height: int, width: int, config: TileConfig, limits: TileLimits |
     th, tw = _fit_tile(config.tile, config.overlap, limits)
     batch = config.batch if limits.max_batch is None else max(1, min(config.batch, limits.max_batch))
     m = limits.multiple
+    if config.fit:
+        th = _shrink(_round_up(height, m), th, config.overlap, m, limits.min_hw[0])
+        tw = _shrink(_round_up(width, m), tw, config.overlap, m, limits.min_hw[1])
     hp = max(_round_up(height, m), th)
     wp = max(_round_up(width, m), tw)
     halo = config.resolved_halo
