@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import tomllib
 import torch
 from click.testing import CliRunner
 from conftest import REPO, tiny_rrdb
