@@ -119,50 +119,24 @@ def unavailable(spec: PathSpec, bench_device: str) -> str | None:
 
 
 def _torch_backend(spec: PathSpec, model: Any, device: str) -> Any:
-    precision = "fp16" if spec.compile and device == "cuda" else spec.precision
-    try:
-        from medsr.runtime import TorchBackend
-    except ImportError:
-        from medsr.bench._fallback import FallbackTorchBackend
+    from medsr.runtime import TorchBackend
 
-        return FallbackTorchBackend(model, device, precision, spec.channels_last, spec.compile)
+    precision = "fp16" if spec.compile and device == "cuda" else spec.precision
     return TorchBackend(model, device=device, precision=precision, channels_last=spec.channels_last, compile=spec.compile)
 
 
 def export_onnx_file(model: Any, path: Path, tile: int, precision: str = "fp32") -> Path:
     """Export ``model`` to ONNX at ``path`` with medsr.export (parity check off: the bench measures error)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        from medsr.export import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        result = export_onnx(model, path, precision=precision, parity=False)
-        return Path(getattr(result, "path", path))
-    if precision != "fp32":
-        raise PathSkipped("medsr.export not available (needed for fp16 ONNX)")
-    import torch
+    from medsr.export import export_onnx
 
-    dummy = torch.rand(1, model.descriptor.in_channels, tile, tile)
-    torch.onnx.export(
-        model.float().eval(), (dummy,), str(path), input_names=["input"], output_names=["output"],
-        dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "output": {0: "n", 2: "H", 3: "W"}},
-        opset_version=17, dynamo=False,
-    )
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(export_onnx(model, path, precision=precision, parity=False).path)
 
 
 def _ort_backend(spec: PathSpec, model: Any, device: str, workdir: Path, tile: int) -> Any:
     onnx_path = export_onnx_file(copy.deepcopy(model).cpu().float(), workdir / f"model-{spec.precision}.onnx", tile, spec.precision)
-    try:
-        from medsr.runtime.engines import open_backend
-    except ImportError:
-        try:
-            from medsr.runtime.onnx_backend import open_backend  # type: ignore[no-redef]
-        except ImportError:
-            from medsr.bench._fallback import FallbackOrtBackend
+    from medsr.runtime.engines import open_backend
 
-            return FallbackOrtBackend(onnx_path, model.descriptor, device)
     return open_backend(onnx_path, device=device, precision=spec.precision)
 
 
