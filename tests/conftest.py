@@ -46,3 +46,12 @@ def tiny_rrdb(scale: int = 4, channels: int = 3, seed: int = 0, num_feat: int = 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (tiny models on a shared 2-core machine run faster so)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,13 +13,7 @@ from click.testing import CliRunner
 from medsr.train.config import ConfigError, load_config, set_value, shipped_configs, validate
 from medsr.train.trainer import Trainer, TrainingError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(folder, n: int = 3, size: int = 48, channels: int = 1):
