@@ -113,3 +113,17 @@ def test_dicom_through_the_cli(tmp_path: Path, model_path: Path, rng: np.random.
     out = pydicom.dcmread(tmp_path / "o" / "IMG0001")
     assert (out.Rows, out.Columns, out.PhotometricInterpretation) == (40, 48, "MONOCHROME1")
     assert "Secret" not in res.output
+
+
+def test_bad_tiling_arguments_are_usage_errors(folder: Path, tmp_path: Path) -> None:
+    x2 = tmp_path / "tiny_x2.pth"
+    torch.save({"params_ema": tiny_rrdb(2, 3).state_dict()}, x2)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, ["-q", "--device", "cpu", "--model", str(x2), "--tile", "16", "--overlap", "16",
+                                    str(folder), "-o", str(out)])
+    assert res.exit_code == 2 and "overlap must be smaller" in res.output
+    # an x2 model needs tile and overlap on its pixel-unshuffle grid (multiples of 2)
+    res = CliRunner().invoke(main, ["-q", "--device", "cpu", "--model", str(x2), "--tile", "17", "--overlap", "4",
+                                    str(folder), "-o", str(out)])
+    assert res.exit_code == 2 and "multiple of 2" in res.output
+    assert not out.exists()

@@ -69,11 +69,22 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         raise click.UsageError("give --engine or --model, not both")
     jobs = collect_jobs(list(inputs), outdir)
     input_files = {j.src.resolve() for j in jobs}
+    from medsr.runtime import TileConfig, plan_tiles
+
+    defaults = TileConfig()
+    try:
+        TileConfig(tile=tile or defaults.tile, overlap=defaults.overlap if overlap is None else overlap, batch=batch or 1)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         up = _load_upscaler(engine, model, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
-    except Exception as e:  # one clear line, no traceback: missing weights, bad engine, bad arguments
+    except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
         click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
         sys.exit(2)
+    try:  # tile/overlap against the model's size multiple and the engine's profile
+        plan_tiles(up.config.tile, up.config.tile, up.config, up.backend.tile_limits())
+    except ValueError as e:
+        raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
 
     summary = Summary()
     t0 = time.perf_counter()
