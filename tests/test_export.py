@@ -240,3 +240,19 @@ def test_cli_onnx_and_skipped_engine(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # scale mismatch between weights and recipe
     r = runner.invoke(main, ["--weights", str(w), "--recipe", "cxr_x4", "--onnx-only"])
     assert r.exit_code != 0 and "x2" in r.output and "recipe" in r.output
+
+
+def test_failed_parity_leaves_no_model_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsr.export import onnx_export
+    from medsr.export.parity import ParityError
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise ParityError("simulated: out of bound")
+
+    monkeypatch.setattr(onnx_export, "check_parity", failing)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous good export")
+    with pytest.raises(ParityError):
+        export_onnx(tiny_rrdb(4, 1), out)
+    assert out.read_bytes() == b"previous good export"  # the failed export never replaced it
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # and left no temporary file

@@ -115,53 +115,57 @@ def export_onnx(
     wrapper = IOWrapper(net, half=precision == "fp16").eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample = torch.rand(1, desc.in_channels, 8 * m, 8 * m)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            torch.onnx.export(
-                wrapper,
-                (sample,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={
-                    INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                    OUTPUT_NAME: {0: "batch", 2: "out_height", 3: "out_width"},
-                },
-                do_constant_folding=True,
-            )
-        elif exporter == "dynamo":
-            dim = torch.export.Dim
-            shapes = {"x": {0: dim("batch", max=1024), 2: m * dim("h", min=1, max=8192), 3: m * dim("w", min=1, max=8192)}}
-            torch.onnx.export(
-                wrapper, (sample,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=shapes, external_data=False, verbose=False,
-            )
-        else:
-            raise ValueError(f"exporter must be torchscript or dynamo, not {exporter!r}")
-    meta = {
-        "model_id": model_id,
-        "scale": str(desc.scale),
-        "in_channels": str(desc.in_channels),
-        "out_channels": str(desc.out_channels),
-        "size_multiple": str(desc.size_multiple),
-        "precision": precision,
-        "io_dtype": "float32",
-        "weights_sha256": weights_sha256,
-        "descriptor": json.dumps(desc.to_dict(), sort_keys=True),
-        "exporter": exporter,
-        "opset": str(opset),
-        "kept_fp32": ",".join(kept),
-        "torch_version": torch.__version__,
-    }
-    _write_metadata(path, meta)
-    check_onnx(path)
-    report = None
-    if parity:
-        report = check_parity(ref, path, precision=precision)
+    from medsr.io import atomic_write_path
+
+    # export, check and parity-test a temporary file; only a model that passed lands under ``path``
+    with atomic_write_path(path) as tmp:
+        sample = torch.rand(1, desc.in_channels, 8 * m, 8 * m)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if exporter == "torchscript":
+                torch.onnx.export(
+                    wrapper,
+                    (sample,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={
+                        INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                        OUTPUT_NAME: {0: "batch", 2: "out_height", 3: "out_width"},
+                    },
+                    do_constant_folding=True,
+                )
+            elif exporter == "dynamo":
+                dim = torch.export.Dim
+                shapes = {"x": {0: dim("batch", max=1024), 2: m * dim("h", min=1, max=8192), 3: m * dim("w", min=1, max=8192)}}
+                torch.onnx.export(
+                    wrapper, (sample,), str(tmp), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_shapes=shapes, external_data=False, verbose=False,
+                )
+            else:
+                raise ValueError(f"exporter must be torchscript or dynamo, not {exporter!r}")
+        meta = {
+            "model_id": model_id,
+            "scale": str(desc.scale),
+            "in_channels": str(desc.in_channels),
+            "out_channels": str(desc.out_channels),
+            "size_multiple": str(desc.size_multiple),
+            "precision": precision,
+            "io_dtype": "float32",
+            "weights_sha256": weights_sha256,
+            "descriptor": json.dumps(desc.to_dict(), sort_keys=True),
+            "exporter": exporter,
+            "opset": str(opset),
+            "kept_fp32": ",".join(kept),
+            "torch_version": torch.__version__,
+        }
+        _write_metadata(tmp, meta)
+        check_onnx(tmp)
+        report = None
+        if parity:
+            report = check_parity(ref, tmp, precision=precision)
     return OnnxExport(path, precision, desc, meta, time.perf_counter() - t0, report, kept)
 
 

@@ -62,8 +62,10 @@ def profile_for_tiles(
     max_batch: int | None = None,
     min_hw: int | None = None,
 ) -> ProfileShapes:
-    """Profile covering the tiled runtime's tiles (``TileConfig.tile`` already includes overlap and halo,
-    and every tile the runtime sends has exactly that size: images are padded up to it).
+    """Profile covering the tiled runtime's tiles (``TileConfig.tile`` already includes overlap and halo).
+
+    The runtime sends tiles of at most ``tile``: with ``TileConfig.fit`` it shrinks them per image
+    (never below the profile's min), so the profile is dynamic between min and max.
 
     opt = max = ``tile`` (rounded up to the size multiple), batch opt = ``batch``, max = ``max_batch``;
     min = ``min_hw`` (default: 2*overlap, at least 16) so smaller ``--tile`` values still run, batch 1.
@@ -264,8 +266,11 @@ def build_engine(
     serialized_engine = builder.build_serialized_network(network, config)
     if serialized_engine is None:
         raise BackendError(f"TensorRT failed to build {engine_path} from {onnx_path} (see the TensorRT log above)")
+    from medsr.io import atomic_write_path
+
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized_engine))
+    with atomic_write_path(engine_path) as tmp:  # never a half-written engine under the final name
+        tmp.write_bytes(bytes(serialized_engine))
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
     io: dict[str, dict[str, Any]] = {}
