@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -96,10 +95,11 @@ def set_rng_states(st: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    from medsr.io import atomic_write_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Trainer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -65,19 +64,15 @@ def download(
         if entry.sha256 is None or digest == entry.sha256:
             return dest
         print(f"medsr: {dest} has sha256 {digest}, expected {entry.sha256}; downloading again", file=sys.stderr)
+    from medsr.io import atomic_write_path
+
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_write_path(dest) as tmp:  # renamed into place only after the hash matched
+        with tmp.open("wb") as out:
             digest = _fetch(entry.url, out, progress=progress)
         status = verify(tmp, entry, digest)
         if status == "not pinned":
             print(f"medsr: sha256 of {entry.name} is not pinned; downloaded file has {digest}", file=sys.stderr)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,11 +144,10 @@ def save_weights(model: RRDBNet, path: str | os.PathLike[str], model_id: str, ex
     path = Path(path)
     meta = {"model_id": model_id, "descriptor": model.descriptor.to_dict(), **(extra or {})}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from medsr.io import atomic_write_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_write_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
@@ -159,8 +157,4 @@ def save_weights(model: RRDBNet, path: str | os.PathLike[str], model_id: str, ex
 
             torch.save({"params_ema": sd, "medsr": meta}, tmp)
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return digest
