@@ -24,7 +24,7 @@ from medsr.runtime.backend import Backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsr.io import Image
-    from medsr.runtime import TileConfig
+    from medsr.runtime import TileConfig, TilePlan
 
 _INT_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 
@@ -118,6 +118,12 @@ class Upscaler:
             b = GrayViaRGB(self.backend) if channels == 1 else PerChannel(self.backend, channels)
             self._variants[channels] = b
         return b
+
+    def plan(self, height: int, width: int, channels: int = 1) -> TilePlan:
+        """The tile plan an ``height x width`` image will run with (tile count, shapes, overhead)."""
+        from medsr.runtime import plan_tiles
+
+        return plan_tiles(height, width, self.config, self.backend_for(channels).tile_limits())
 
     # numpy -----------------------------------------------------------------------------------
     def __call__(self, array: np.ndarray, *, on_tiles: Any = None) -> np.ndarray:

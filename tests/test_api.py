@@ -137,3 +137,10 @@ def test_upscale_dicom_returns_a_derived_dataset(rng: np.random.Generator) -> No
     assert out.SOPInstanceUID != ds.SOPInstanceUID and out.StudyInstanceUID == ds.StudyInstanceUID
     assert out.pixel_array.max() <= 4095
     assert [float(v) for v in out.PixelSpacing] == [0.1, 0.1]
+
+
+def test_plan_reports_the_tiles_a_call_runs(rng: np.random.Generator) -> None:
+    up = _upscaler(tile=16)
+    seen: list[int] = []
+    up((rng.random((40, 27)) * 255).astype(np.uint8), on_tiles=seen.append)
+    assert sum(seen) == up.plan(40, 27).num_tiles > 1

@@ -98,10 +98,10 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             summary.skipped += 1
             continue
         try:
-            tiles_bar.reset()
             from medsr.io import read_image, write_image
 
             img = read_image(job.src)
+            tiles_bar.reset(total=up.plan(img.height, img.width, img.channels).num_tiles)
             job.dst.parent.mkdir(parents=True, exist_ok=True)
             write_image(up.upscale_image(img, on_tiles=tiles_bar.update), job.dst)
         except KeyboardInterrupt:
