@@ -52,9 +52,10 @@ def test_folder_with_bad_files(folder: Path, tmp_path: Path, model_path: Path) -
     assert g8.dtype == np.uint8 and g8.shape == (52, 68)
     assert g16.dtype == np.uint16 and g16.shape == (44, 36)
     assert rgb.shape == (32, 40, 3)
-    # bad ones reported by name, no partial or temporary files left behind
-    assert "corrupt.png" in res.output and "notes.txt" in res.output
-    assert "3 written" in res.output and "2 failed" in res.output
+    # the corrupt image fails (by name); a non-image beside the scans is reported as ignored;
+    # no partial or temporary files are left behind
+    assert "corrupt.png" in res.output and "ignored (not an image): " in res.output and "notes.txt" in res.output
+    assert "3 written" in res.output and "1 failed" in res.output and "1 ignored" in res.output
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "gray8.png", "sub/gray16.png", "sub/rgb.tif"]
     assert "Traceback" not in res.output
@@ -127,3 +128,29 @@ def test_bad_tiling_arguments_are_usage_errors(folder: Path, tmp_path: Path) -> 
                                     str(folder), "-o", str(out)])
     assert res.exit_code == 2 and "multiple of 2" in res.output
     assert not out.exists()
+
+
+def test_unsupported_file_named_explicitly_fails(folder: Path, tmp_path: Path, model_path: Path) -> None:
+    res = _run("--model", str(model_path), str(folder / "notes.txt"), str(folder / "gray8.png"), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 1 and "notes.txt" in res.output and "1 written" in res.output and "1 failed" in res.output
+
+
+def test_uid_named_dicom_is_found_by_content(tmp_path: Path, model_path: Path, rng: np.random.Generator) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 8, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = (rng.random((8, 8)) * 255).astype(np.uint8).tobytes()
+    d = tmp_path / "study"
+    d.mkdir()
+    ds.save_as(d / "1.2.840.113619.2.55.3", enforce_file_format=True)  # suffix ".3", DICOM by content
+    res = _run("--model", str(model_path), str(d), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 0 and "1 written" in res.output, res.output
+    assert (tmp_path / "o" / "1.2.840.113619.2.55.3").is_file()

@@ -24,18 +24,40 @@ class Summary:
     megapixels: float = 0.0
 
 
-def collect_jobs(inputs: list[Path], outdir: Path) -> list[Job]:
-    """Files as given; directories walked recursively (hidden files skipped), structure mirrored."""
+def _looks_like_image(path: Path) -> bool:
+    """A supported suffix (or none), or DICOM by content (UID-named files like 1.2.840.113619.4)."""
+    from medsr.io import is_supported
+
+    if is_supported(path):
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return True  # let the reader report the problem
+
+
+def collect_jobs(inputs: list[Path], outdir: Path) -> tuple[list[Job], list[Path]]:
+    """Files as given; folders walked recursively (hidden files skipped), structure mirrored.
+
+    Returns (jobs, ignored): files met while walking a folder that are not images (a manifest.csv
+    beside the scans) are ignored and reported, not failed. Files named explicitly are always tried.
+    """
     jobs: list[Job] = []
+    ignored: list[Path] = []
     for inp in inputs:
         if inp.is_dir():
             for f in sorted(inp.rglob("*")):
                 rel = f.relative_to(inp)
-                if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-                    jobs.append(Job(f, outdir / inp.name / rel if len(inputs) > 1 else outdir / rel))
+                if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+                    continue
+                if not _looks_like_image(f):
+                    ignored.append(f)
+                    continue
+                jobs.append(Job(f, outdir / inp.name / rel if len(inputs) > 1 else outdir / rel))
         else:
             jobs.append(Job(inp, outdir / inp.name))
-    return jobs
+    return jobs, ignored
 
 
 def _load_upscaler(engine: str | None, model: str | None, **kw: object):
@@ -62,12 +84,16 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str, overwrite: bool, quiet: bool) -> None:
-    """Upscale INPUTS (files or folders, recursive) into OUTDIR."""
+    """Upscale INPUTS (files or folders, recursive) into OUTDIR.
+
+    A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
+    while walking a folder (e.g. a manifest.csv) are listed as ignored and do not fail the run.
+    """
     from tqdm import tqdm
 
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
-    jobs = collect_jobs(list(inputs), outdir)
+    jobs, ignored = collect_jobs(list(inputs), outdir)
     input_files = {j.src.resolve() for j in jobs}
     from medsr.runtime import TileConfig, plan_tiles
 
@@ -118,8 +144,11 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     tiles_bar.close()
     files_bar.close()
     dt = time.perf_counter() - t0
+    for path in ignored:
+        click.echo(f"  ignored (not an image): {path}", err=True)
     click.echo(
-        f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed; "
+        f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed, "
+        f"{len(ignored)} ignored (not images); "
         f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}"
     )
     for _src, msg in summary.failed:

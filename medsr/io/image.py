@@ -124,8 +124,8 @@ def output_suffix(img: Image, path: str | os.PathLike[str] | None = None) -> str
 
 def _suffix_agrees(fmt: str, suffix: str) -> bool:
     suffix = suffix.lower()
-    if fmt == "dicom":
-        return suffix in DICOM_SUFFIXES or suffix == ""
+    if fmt == "dicom":  # DICOM files are often named by UID ("1.2.840.113619.2.55.3"): any non-raster suffix
+        return suffix in DICOM_SUFFIXES or suffix not in RASTER_SUFFIXES
     return RASTER_SUFFIXES.get(suffix) == fmt
 
 
