@@ -94,3 +94,15 @@ def test_choose_providers() -> None:
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda"))[0] == "CUDAExecutionProvider"
     with pytest.raises(BackendError, match="onnxruntime-gpu"):
         choose_providers(["CPUExecutionProvider"], torch.device("cuda"), ["tensorrt"])
+
+
+def test_tensorrt_provider_gets_one_explicit_profile(x2_gray: tuple[torch.nn.Module, Path]) -> None:
+    _, path = x2_gray
+    b = OnnxRuntimeBackend(path, device="cpu", batch=4)
+    assert b.tile_limits().max_hw is None  # CPU: any tile
+    opts = b._trt_options()  # what the TensorRT EP would be given (not runnable here)
+    assert opts["trt_profile_min_shapes"] == "input:1x1x32x32"
+    assert opts["trt_profile_opt_shapes"] == "input:4x1x256x256"
+    assert opts["trt_profile_max_shapes"] == "input:8x1x256x256"
+    lim = b.tile_limits()  # the tiled runtime then stays inside that profile
+    assert (lim.min_hw, lim.max_hw, lim.max_batch, lim.multiple) == ((32, 32), (256, 256), 8, 2)

@@ -94,11 +94,10 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         prov_opts: list[dict[str, str]] = []
+        self._limits = TileLimits(multiple=self.descriptor.size_multiple)
         for p in self.providers:
             if p == "TensorrtExecutionProvider":
-                cache = str(self.path.parent / ".ort_trt_cache")
-                prov_opts.append({"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-                                  "trt_timing_cache_enable": "True"})
+                prov_opts.append(self._trt_options())
             elif p == "CUDAExecutionProvider":
                 prov_opts.append({"device_id": str(self.device.index or 0)})
             else:
@@ -110,8 +109,29 @@ class OnnxRuntimeBackend(Backend):
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
+    def _trt_options(self) -> dict[str, str]:
+        """TensorRT EP: one explicit profile (as medsr-export builds) so fitted tile shapes reuse one engine
+        instead of triggering a rebuild per new shape; the runtime keeps its tiles inside it."""
+        from medsr.export.onnx_export import INPUT_NAME
+        from medsr.export.tensorrt import profile_for_tiles
+
+        prof = profile_for_tiles(self.descriptor, batch=self.preferred_batch, max_batch=2 * self.preferred_batch)
+        self._limits = prof.tile_limits(self.descriptor.size_multiple)
+
+        def shape(dims: tuple[int, ...]) -> str:
+            return f"{INPUT_NAME}:" + "x".join(str(d) for d in dims)
+
+        return {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(self.path.parent / ".ort_trt_cache"),
+            "trt_timing_cache_enable": "True",
+            "trt_profile_min_shapes": shape(prof.min),
+            "trt_profile_opt_shapes": shape(prof.opt),
+            "trt_profile_max_shapes": shape(prof.max),
+        }
+
     def tile_limits(self) -> TileLimits:
-        return TileLimits(multiple=self.descriptor.size_multiple)
+        return self._limits
 
     def _check(self, batch: torch.Tensor) -> None:
         m = self.descriptor.size_multiple
