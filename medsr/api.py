@@ -93,11 +93,14 @@ class Upscaler:
         tile: int | None = None,
         overlap: int | None = None,
         batch: int | None = None,
+        compile: bool = False,
     ) -> Upscaler:
         """A built engine or model file: .plan/.engine (TensorRT), .onnx (ONNX Runtime), or weights."""
         p = Path(path)
         if p.suffix.lower() in {".pth", ".pt", ".safetensors", ".param"}:
-            return cls.from_pretrained(p, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
+            return cls.from_pretrained(
+                p, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch, compile=compile
+            )
         from medsr.runtime.engines import open_backend
 
         backend = open_backend(p, device=device, precision=precision)

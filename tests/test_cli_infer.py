@@ -154,3 +154,10 @@ def test_uid_named_dicom_is_found_by_content(tmp_path: Path, model_path: Path, r
     res = _run("--model", str(model_path), str(d), "-o", str(tmp_path / "o"))
     assert res.exit_code == 0 and "1 written" in res.output, res.output
     assert (tmp_path / "o" / "1.2.840.113619.2.55.3").is_file()
+
+
+def test_compile_is_for_pytorch_models_only(folder: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "m.onnx"
+    fake.write_bytes(b"x")
+    res = _run("--engine", str(fake), "--compile", str(folder), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "--compile applies to PyTorch" in res.output

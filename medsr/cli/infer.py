@@ -80,10 +80,12 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (PyTorch only; slow first tile).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
-         overlap: int | None, batch: int | None, device: str, precision: str, overwrite: bool, quiet: bool) -> None:
+         overlap: int | None, batch: int | None, device: str, precision: str, compile_: bool, overwrite: bool,
+         quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -93,6 +95,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
 
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
+    if compile_ and engine and Path(engine).suffix.lower() in {".onnx", ".plan", ".engine"}:
+        raise click.UsageError("--compile applies to PyTorch models, not to ONNX or TensorRT engines")
     jobs, ignored = collect_jobs(list(inputs), outdir)
     input_files = {j.src.resolve() for j in jobs}
     from medsr.runtime import TileConfig, plan_tiles
@@ -103,7 +107,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
-        up = _load_upscaler(engine, model, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
+        kw: dict[str, object] = {"compile": True} if compile_ else {}
+        up = _load_upscaler(engine, model, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch, **kw)
     except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
         click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
         sys.exit(2)
