@@ -122,3 +122,12 @@ def test_cuda_paths(precision, rng):
     assert all(s.device.type == "cuda" for _, _, s in strips)
     if precision != "fp32":
         assert b.fallback() is not None and b.fallback().precision == "fp32"
+
+
+def test_torch_compile_matches_eager():
+    m = tiny_rrdb(2, 1, seed=3)
+    x = torch.rand(2, 1, 16, 12)
+    with torch.no_grad():
+        ref = m(x).clamp(0, 1)
+    b = TorchBackend(m, device="cpu", compile=True)
+    assert (b.run(x) - ref).abs().max().item() < 1e-5
