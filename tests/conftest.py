@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -55,3 +59,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- a synthetic computed radiograph (DICOM), shared by the io, API and CLI tests -------------------
+CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"
+SECRET_NAME = "SECRETSURNAME^GIVEN"
+SECRET_ID = "PID-SECRET-4711"
+
+
+def make_cr(
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    h: int = 20,
+    w: int = 16,
+    seed: int = 0,
+    signed: bool = False,
+) -> Dataset:
+    rng = np.random.default_rng(seed)
+    if signed:
+        px = rng.integers(-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1), size=(h, w), dtype=np.int16)
+    else:
+        px = rng.integers(0, 2**bits_stored, size=(h, w), dtype=np.uint16)
+        px[0, 0], px[0, 1] = 0, 2**bits_stored - 1
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CRImageStorage
+    ds.SOPClassUID = CRImageStorage
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["test-sop", str(seed), photometric])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["test-study", str(seed)])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["test-series", str(seed)])
+    ds.Modality = "CR"
+    ds.PatientName = SECRET_NAME
+    ds.PatientID = SECRET_ID
+    ds.PatientBirthDate = "19700101"
+    ds.StudyDate = "20240102"
+    ds.AccessionNumber = "ACC-SECRET-1"
+    ds.SeriesDescription = "CHEST PA"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.PixelSpacing = [0.2, 0.15]
+    ds.ImagerPixelSpacing = ["0.143", "0.143"]
+    ds.RescaleSlope = "2"
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleType = "US"
+    ds.WindowCenter = "2048"
+    ds.WindowWidth = "4096"
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = "10"
+    ds.LossyImageCompressionMethod = "ISO_15444_1"
+    ds.BurnedInAnnotation = "YES"
+    ds.SmallestImagePixelValue = 0
+    ds.set_pixel_data(px, photometric, bits_stored, generate_instance_uid=False)
+    return ds

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_rrdb
+from conftest import make_cr, tiny_rrdb
 
 from medsr.api import Upscaler
 from medsr.arch import fold_to_gray
@@ -114,29 +114,13 @@ def test_from_pretrained_with_a_weights_path(tmp_path: Path, rng: np.random.Gene
     assert up((rng.random((9, 11)) * 255).astype(np.uint8)).shape == (18, 22)
 
 
-def test_upscale_dicom_returns_a_derived_dataset(rng: np.random.Generator) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality = "Test^Patient", "P1", "CR"
-    ds.Rows, ds.Columns = 16, 20
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.4, 0.4]
-    ds.PixelData = (rng.random((16, 20)) * 4095).astype(np.uint16).tobytes()
+def test_upscale_dicom_returns_a_derived_dataset() -> None:
+    ds = make_cr("MONOCHROME2", bits_stored=12, h=16, w=20)
     out = _upscaler(tile=16).upscale_dicom(ds)
     assert (out.Rows, out.Columns) == (64, 80)
     assert out.SOPInstanceUID != ds.SOPInstanceUID and out.StudyInstanceUID == ds.StudyInstanceUID
     assert out.pixel_array.max() <= 4095
-    assert [float(v) for v in out.PixelSpacing] == [0.1, 0.1]
+    assert [float(v) for v in out.PixelSpacing] == [0.05, 0.0375]  # 0.2 x 0.15 mm / 4
 
 
 def test_plan_reports_the_tiles_a_call_runs(rng: np.random.Generator) -> None:

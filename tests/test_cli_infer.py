@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_rrdb
+from conftest import SECRET_ID, SECRET_NAME, make_cr, tiny_rrdb
 
 from medsr.cli.infer import main
 
@@ -90,22 +90,10 @@ def test_engine_and_model_are_exclusive(folder: Path, model_path: Path, tmp_path
     assert res.exit_code == 2 and "not both" in res.output
 
 
-def test_dicom_through_the_cli(tmp_path: Path, model_path: Path, rng: np.random.Generator) -> None:
+def test_dicom_through_the_cli(tmp_path: Path, model_path: Path) -> None:
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality = "Secret^Name", "P1", "CR"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 10, 12, 1
-    ds.PhotometricInterpretation = "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (rng.random((10, 12)) * 4095).astype(np.uint16).tobytes()
+    ds = make_cr("MONOCHROME1", bits_stored=12, h=10, w=12)
     src = tmp_path / "dcm" / "IMG0001"
     src.parent.mkdir()
     ds.save_as(src, enforce_file_format=True)
@@ -113,7 +101,7 @@ def test_dicom_through_the_cli(tmp_path: Path, model_path: Path, rng: np.random.
     assert res.exit_code == 0, res.output
     out = pydicom.dcmread(tmp_path / "o" / "IMG0001")
     assert (out.Rows, out.Columns, out.PhotometricInterpretation) == (40, 48, "MONOCHROME1")
-    assert "Secret" not in res.output
+    assert SECRET_NAME not in res.output and SECRET_ID not in res.output
 
 
 def test_bad_tiling_arguments_are_usage_errors(folder: Path, tmp_path: Path) -> None:
@@ -135,19 +123,8 @@ def test_unsupported_file_named_explicitly_fails(folder: Path, tmp_path: Path, m
     assert res.exit_code == 1 and "notes.txt" in res.output and "1 written" in res.output and "1 failed" in res.output
 
 
-def test_uid_named_dicom_is_found_by_content(tmp_path: Path, model_path: Path, rng: np.random.Generator) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 8, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = (rng.random((8, 8)) * 255).astype(np.uint8).tobytes()
+def test_uid_named_dicom_is_found_by_content(tmp_path: Path, model_path: Path) -> None:
+    ds = make_cr(bits_stored=8, h=8, w=8)
     d = tmp_path / "study"
     d.mkdir()
     ds.save_as(d / "1.2.840.113619.2.55.3", enforce_file_format=True)  # suffix ".3", DICOM by content
