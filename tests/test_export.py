@@ -24,7 +24,7 @@ from medsr.export import (
 )
 from medsr.export.fp16 import find_overflowing_modules, half_model, initializer_dtypes
 from medsr.export.parity import check_parity, run_onnx
-from medsr.export.recipes import BUILTIN
+from medsr.export.recipes import BUILTIN, Recipe
 from medsr.export.tensorrt import (
     check_sidecar,
     make_sidecar,
@@ -156,7 +156,9 @@ def test_recipes_toml_match_builtin() -> None:
     assert set(list_recipes()) >= {"cxr_x4", "retina_x2", "realesrgan_x4plus"}
     for name, data in BUILTIN.items():
         with open(REPO / "export" / f"{name}.toml", "rb") as f:
-            assert tomllib.load(f) == data, name
+            from_toml = tomllib.load(f)
+        assert Recipe(name=name, **from_toml) == Recipe(name=name, **data), name
+        assert get_recipe(name) == Recipe(name=name, **data)
     r = get_recipe("cxr_x4")
     assert (r.model, r.channels, r.scale) == ("realesrgan-x4plus", 1, 4)
     assert (get_recipe("retina_x2").model, get_recipe("retina_x2").channels) == ("realesrgan-x2plus", 3)

@@ -1,7 +1,8 @@
 """Export recipes: which model, channel fold, tile profile and output name.
 
 Single source of truth: the ``export/*.toml`` files at the repository top level. An installed package
-(no repo checkout) uses :data:`BUILTIN`, a verbatim copy; a test asserts both agree.
+(no repo checkout) uses :data:`BUILTIN` (the same recipes, defaults left implicit); a test asserts both
+resolve to the same :class:`Recipe`.
 Set ``MEDSR_RECIPES`` to a folder to use other recipes.
 """
 
@@ -14,18 +15,14 @@ from typing import Any
 
 DEFAULT_RECIPE = "cxr_x4"
 
+# What each recipe sets beyond the Recipe defaults (tile 256, overlap 16, batch 4, max_batch 8,
+# opset 18, fp16). The export/*.toml files spell every field out; a test asserts both resolve alike.
 BUILTIN: dict[str, dict[str, Any]] = {
     "cxr_x4": {
         "description": "Chest X-ray, x4: Real-ESRGAN x4plus folded exactly to 1 channel (gray in, gray out)",
         "model": "realesrgan-x4plus",
         "channels": 1,
         "scale": 4,
-        "tile": 256,
-        "overlap": 16,
-        "batch": 4,
-        "max_batch": 8,
-        "opset": 18,
-        "fp16": True,
         "output": "engines/cxr_x4.plan",
     },
     "retina_x2": {
@@ -33,12 +30,6 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "model": "realesrgan-x2plus",
         "channels": 3,
         "scale": 2,
-        "tile": 256,
-        "overlap": 16,
-        "batch": 4,
-        "max_batch": 8,
-        "opset": 18,
-        "fp16": True,
         "output": "engines/retina_x2.plan",
     },
     "realesrgan_x4plus": {
@@ -46,12 +37,6 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "model": "realesrgan-x4plus",
         "channels": 3,
         "scale": 4,
-        "tile": 256,
-        "overlap": 16,
-        "batch": 4,
-        "max_batch": 8,
-        "opset": 18,
-        "fp16": True,
         "output": "engines/realesrgan_x4plus.plan",
     },
 }
@@ -85,11 +70,9 @@ def recipes_dir() -> Path | None:
 
 
 def _raw() -> dict[str, dict[str, Any]]:
+    import tomllib
+
     d = recipes_dir()
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: built-in copies only
-        d = None
     if d is None:
         return {k: dict(v) for k, v in BUILTIN.items()}
     out = {}
