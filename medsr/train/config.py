@@ -35,7 +35,9 @@ DEFAULTS: dict[str, Any] = {
         "d_skip_connection": True,
     },
     "data": {
-        "mode": "realesrgan",  # "realesrgan": synthetic degradations on the fly | "paired": HR + LR folders
+        # "realesrgan": Real-ESRGAN's high-order degradations on the fly | "classical": downscale + blur + mild
+        # noise (section [classical]) | "paired": HR + LR folders
+        "mode": "realesrgan",
         "train_dir": "",
         "lq_dir": "",  # paired mode only
         "val_dir": "",  # HR validation images (LR made by bicubic downscale) or a folder with hr/ and lr/
@@ -48,6 +50,21 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 4,
         "val_max_images": 10,
         "val_max_size": 512,  # validation: centre crop of at most this size (HR pixels)
+        "val_split": 0,  # hold out this many training originals (seeded) for validation when no val_dir
+        "val_degradation": "bicubic",  # LR of HR-only validation images: "bicubic" | "protocol" (eval protocol)
+    },
+    "classical": {  # data.mode = "classical" (medsr/train/classical.py); sigma/noise in LR pixels / 8-bit levels
+        "down": ["bicubic", "area", "bilinear"],  # bicubic = antialiased MATLAB imresize
+        "down_prob": [0.6, 0.2, 0.2],
+        "blur_prob": 0.9,
+        "blur_sigma": [0.2, 1.6],
+        "noise_prob": 0.3,
+        "poisson_prob": 0.3,  # share of noisy samples that get Poisson instead of Gaussian noise
+        "noise_sigma": [0.0, 2.0],
+        "poisson_scale": [0.0, 0.5],
+        "jpeg_prob": 0.0,
+        "jpeg_range": [85, 95],
+        "quantize": True,
     },
     "degradation": {
         "blur_kernel_size": 21,
@@ -87,8 +104,13 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "lr_g": 1e-4,
         "lr_d": 1e-4,
+        "lr_schedule": "constant",  # "constant" | "cosine" (to lr_min at the last iteration; stateless, resume-exact)
+        "lr_min": 1e-6,
         "betas": [0.9, 0.99],
         "ema_decay": 0.999,
+        # EMA decay min(ema_decay, (1 + it) / (10 + it)): without it a from-scratch run keeps 0.999^N of its
+        # random init in the EMA weights (N = 5000: 0.7%), which a deep net amplifies into a dark, wrong output
+        "ema_warmup": True,
         "pixel_weight": 1.0,
         "perceptual_weight": 1.0,
         "gan_weight": 0.1,
@@ -108,6 +130,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 50,
         "keep_checkpoints": 2,
         "out_dir": "runs",
+        "time_limit_min": 0.0,  # stop (checkpoint + weights) after this many minutes of training; 0 = no limit
     },
 }
 
@@ -204,8 +227,18 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("model.scale must be 1, 2 or 4")
     if m["channels"] not in (1, 3):
         raise ConfigError("model.channels must be 1 or 3")
-    if d["mode"] not in ("realesrgan", "paired"):
-        raise ConfigError("data.mode must be 'realesrgan' or 'paired'")
+    if d["mode"] not in ("realesrgan", "classical", "paired"):
+        raise ConfigError("data.mode must be 'realesrgan', 'classical' or 'paired'")
+    if d["val_degradation"] not in ("bicubic", "protocol"):
+        raise ConfigError("data.val_degradation must be 'bicubic' or 'protocol'")
+    if t["lr_schedule"] not in ("constant", "cosine"):
+        raise ConfigError("train.lr_schedule must be 'constant' or 'cosine'")
+    from medsr.train.classical import validate_opts
+
+    try:
+        validate_opts(cfg["classical"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if d["gt_size"] % (4 * m["scale"]) and d["gt_size"] % m["scale"]:
         raise ConfigError("data.gt_size must be a multiple of the scale")
     if d["crop_pad_size"] < d["gt_size"]:

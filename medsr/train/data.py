@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medsr.train import kernels as K
+from medsr.train.classical import classical_degrade, margin
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 MULTISCALE_SCALES = (0.75, 0.5, 1 / 3)
@@ -187,6 +188,52 @@ class RealESRGANDataset(Dataset):
         }
 
 
+class ClassicalDataset(Dataset):
+    """GT crops of ``gt_size`` and their LR made by the classical degradation (``classical.py``), on the host.
+
+    Decoded GT images are kept in memory (as stored: uint8/uint16), so an epoch decodes each file
+    once per process; a CPU run with ``num_workers = 0`` then spends its time in the network, not in
+    PNG decoding. The crop carries a margin of LR pixels on every side that is cut after degrading.
+    """
+
+    def __init__(self, paths: Sequence[Path], scale: int, channels: int, data_opts: dict[str, Any],
+                 opts: dict[str, Any], seed: int) -> None:
+        if not paths:
+            raise ValueError("no training images")
+        self.paths = list(paths)
+        self.scale, self.channels, self.d, self.opts, self.seed = scale, channels, data_opts, opts, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image(self, idx: int) -> np.ndarray:
+        img = self._cache.get(idx)
+        if img is None:
+            x = read_gt(self.paths[idx], self.channels)
+            img = np.round(x * 65535.0).astype(np.uint16)
+            self._cache[idx] = img
+        return img
+
+    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
+        idx, it, slot = key
+        rng = np.random.default_rng([self.seed, it, slot, 5])
+        s, gs = self.scale, int(self.d["gt_size"])
+        m = margin(self.opts)
+        size = gs + 2 * m * s
+        img = self._image(idx)
+        h, w = img.shape[:2]
+        if h < size or w < size:
+            img = _pad_to(img, size)
+            h, w = img.shape[:2]
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        crop = img[top : top + size, left : left + size].astype(np.float32) / 65535.0
+        (crop,) = _augment([crop], rng, self.d["use_hflip"], self.d["use_rot"])
+        lq = classical_degrade(crop, s, self.opts, rng)[m:-m, m:-m]
+        gt = crop[m * s : m * s + gs, m * s : m * s + gs]
+        return {"gt": _to_tensor(gt), "lq": _to_tensor(lq)}
+
+
 class PairedDataset(Dataset):
     """The paper's alternative: real HR/LR pairs (same file stems in two folders), aligned random crops."""
 
@@ -245,25 +292,57 @@ class IterationBatchSampler(Sampler[list[SampleKey]]):
             yield [(self._index(it * self.b + j), it, j) for j in range(self.b)]
 
 
-def load_validation(val_dir: str | Path, scale: int, channels: int, max_images: int, max_size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, LR, HR) float arrays. ``val_dir`` holds HR images (LR = bicubic downscale) or ``hr/`` + ``lr/``."""
-    d = Path(val_dir)
+def load_validation(
+    val: str | Path | Sequence[Path], scale: int, channels: int, max_images: int, max_size: int, degradation: str = "bicubic"
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, LR, HR) float arrays for validation.
+
+    ``val`` is a folder of HR images, a folder with ``hr/`` + ``lr/``, or a list of HR paths (a held-out
+    split). LR of HR-only images: a centre crop of at most ``max_size`` px degraded by ``degradation``:
+    ``"bicubic"`` (OpenCV bicubic) or ``"protocol"`` (the evaluation protocol: MATLAB bicubic, Gaussian
+    blur sigma 1.0, 8-bit; ``medsr.eval.protocol.degrade``).
+    """
+    if degradation not in ("bicubic", "protocol"):
+        raise ValueError(f"data.val_degradation must be 'bicubic' or 'protocol', got {degradation!r}")
     pairs: list[tuple[str, np.ndarray, np.ndarray]] = []
-    if (d / "hr").is_dir() and (d / "lr").is_dir():
-        lq = {p.stem: p for p in list_images(d / "lr")}
-        for p in list_images(d / "hr")[:max_images]:
-            if p.stem in lq:
-                pairs.append((p.stem, read_gt(lq[p.stem], channels), read_gt(p, channels)))
-        return pairs
-    for p in list_images(d)[:max_images]:
+    if isinstance(val, (str, Path)):
+        d = Path(val)
+        if (d / "hr").is_dir() and (d / "lr").is_dir():
+            lq = {p.stem: p for p in list_images(d / "lr")}
+            for p in list_images(d / "hr")[:max_images]:
+                if p.stem in lq:
+                    pairs.append((p.stem, read_gt(lq[p.stem], channels), read_gt(p, channels)))
+            return pairs
+        paths = list_images(d)
+    else:
+        paths = [Path(p) for p in val]
+    for p in paths[:max_images]:
         hr = read_gt(p, channels)
         h, w = hr.shape[:2]
         ch, cw = min(h, max_size), min(w, max_size)
         ch, cw = ch - ch % scale, cw - cw % scale
         top, left = (h - ch) // 2, (w - cw) // 2
         hr = np.ascontiguousarray(hr[top : top + ch, left : left + cw])
-        lr = cv2.resize(hr, (cw // scale, ch // scale), interpolation=cv2.INTER_CUBIC)
+        if degradation == "protocol":
+            from medsr.eval.protocol import degrade
+
+            lr = degrade(hr, scale, levels=255)
+        else:
+            lr = cv2.resize(hr, (cw // scale, ch // scale), interpolation=cv2.INTER_CUBIC)
         if lr.ndim == 2:
             lr = lr[:, :, None]
         pairs.append((p.stem, np.clip(lr, 0, 1), hr))
     return pairs
+
+
+def split_holdout(paths: Sequence[Path], n: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, held-out): ``n`` originals drawn by a seeded permutation, before any multi-scale copies."""
+    paths = list(paths)
+    if n <= 0:
+        return paths, []
+    if n >= len(paths):
+        raise ValueError(f"data.val_split={n} leaves no training images (found {len(paths)})")
+    order = np.random.default_rng([seed, 7]).permutation(len(paths))
+    held = sorted(int(i) for i in order[:n])
+    hs = set(held)
+    return [p for i, p in enumerate(paths) if i not in hs], [paths[i] for i in held]

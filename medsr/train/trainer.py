@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -159,12 +160,18 @@ class Trainer:
         self.pool = PairPool(int(cfg["degradation"]["queue_size"]) if cfg["data"]["mode"] == "realesrgan" else 0)
         self.iteration = 0
         self.total = int(t["pretrain_l1_iters"]) + int(t["total_iter"])
+        self.holdout: list[Path] = []
         self.dataset = self._build_dataset()
+        dcfg = cfg["data"]
+        val_src: Any = dcfg["val_dir"] or self.holdout
         self.val = (
-            D.load_validation(cfg["data"]["val_dir"], self.scale, self.channels, cfg["data"]["val_max_images"], cfg["data"]["val_max_size"])
-            if cfg["data"]["val_dir"]
+            D.load_validation(val_src, self.scale, self.channels, dcfg["val_max_images"], dcfg["val_max_size"], dcfg["val_degradation"])
+            if val_src
             else []
         )
+        # the unsharp-masked GT is only worth computing when an active loss uses it
+        gan_or_percep = self.use_gan or self.percep is not None
+        self.need_usm = bool(t["l1_gt_usm"]) or (gan_or_percep and (bool(t["percep_gt_usm"]) or bool(t["gan_gt_usm"])))
         self._tb: Any = None
 
     # ------------------------------------------------------------------ building
@@ -230,11 +237,18 @@ class Trainer:
             paths = D.list_images(root)
             if not paths:
                 raise TrainingError(f"no images in {root}")
+            if int(dcfg["val_split"]) > 0 and not dcfg["val_dir"]:
+                paths, self.holdout = D.split_holdout(paths, int(dcfg["val_split"]), self.seed)
+                D.write_meta_info(self.holdout, self.out_dir / "val_holdout.txt", root)
+                self.log(f"data: {len(self.holdout)} originals held out for validation (val_holdout.txt)")
             if dcfg["multiscale"]:
                 n = len(paths)
                 paths = D.generate_multiscale(paths, self.out_dir / "gt_multiscale")
                 self.log(f"data: multi-scale GT {n} originals + {len(paths) - n} Lanczos downscales")
             D.write_meta_info(paths, self.out_dir / "meta_info.txt", root)
+        if dcfg["mode"] == "classical":
+            self.log(f"data: {len(paths)} GT images, classical degradation, GT crops {dcfg['gt_size']}")
+            return D.ClassicalDataset(paths, self.scale, self.channels, dcfg, self.cfg["classical"], self.seed)
         self.log(f"data: {len(paths)} GT images, crops {dcfg['crop_pad_size']} -> {dcfg['gt_size']}")
         return D.RealESRGANDataset(paths, self.channels, dcfg, self.cfg["degradation"], self.seed)
 
@@ -266,8 +280,11 @@ class Trainer:
             lq = self.degrader(gt, *ks, rng=rng, gen=gen, usm=self.usm)
             gt, lq = paired_random_crop(gt, lq, int(self.cfg["data"]["gt_size"]), self.scale, rng)
             lq, gt = self.pool(lq.contiguous(), gt.contiguous(), gen)
-        with torch.no_grad():
-            gt_usm = self.usm(gt)
+        if self.need_usm:
+            with torch.no_grad():
+                gt_usm = self.usm(gt)
+        else:
+            gt_usm = gt
         return (
             lq.contiguous(memory_format=self.mf),
             gt.contiguous(memory_format=self.mf),
@@ -281,6 +298,7 @@ class Trainer:
         percep_gt = gt_usm if t["percep_gt_usm"] else gt
         gan_gt = gt_usm if t["gan_gt_usm"] else gt
         losses: dict[str, torch.Tensor] = {}
+        self._set_lr(it)
         d = self.d_fwd
         if self.net_d is not None:
             self.net_d.requires_grad_(False)
@@ -317,8 +335,25 @@ class Trainer:
             self.scaler_d.update()
             losses["l_d_real"] = l_real.detach()
             losses["l_d_fake"] = l_fake.detach()
-        self.update_ema(float(t["ema_decay"]))
+        decay = float(t["ema_decay"])
+        if t["ema_warmup"]:
+            decay = min(decay, (1.0 + it) / (10.0 + it))
+        self.update_ema(decay)
         return losses
+
+    def lr_at(self, it: int, base: float) -> float:
+        t = self.cfg["train"]
+        if t["lr_schedule"] != "cosine" or self.total <= 1:
+            return base
+        lo = float(t["lr_min"])
+        return lo + 0.5 * (base - lo) * (1.0 + math.cos(math.pi * min(it, self.total - 1) / (self.total - 1)))
+
+    def _set_lr(self, it: int) -> None:
+        t = self.cfg["train"]
+        for opt, base in ((self.opt_g, float(t["lr_g"])), (self.opt_d, float(t["lr_d"]))):
+            if opt is not None:
+                for g in opt.param_groups:
+                    g["lr"] = self.lr_at(it, base)
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -442,6 +477,8 @@ class Trainer:
         ckpt: Path | None = None
         bar = tqdm(total=self.total, initial=self.iteration, disable=not progress, dynamic_ncols=True, unit="it")
         t0, it0 = time.perf_counter(), self.iteration
+        limit_s = float(t["time_limit_min"]) * 60.0
+        t_start = time.perf_counter()
         for batch in loader:
             it = self.iteration
             lq, gt, gt_usm = self.prepare_batch(batch, it)
@@ -473,8 +510,15 @@ class Trainer:
                 bar.write(f"iter {self.iteration}: val PSNR {last_val['psnr']:.3f} dB, SSIM {last_val['ssim']:.4f}")
             if self.iteration == int(t["pretrain_l1_iters"]) and self.iteration < self.total:
                 self._save_weights(self.out_dir / f"{self.cfg['name']}_psnr.pth", stage="l1")
-            if self.iteration % save_every == 0 or self.iteration == self.total:
+            timed_out = limit_s > 0 and time.perf_counter() - t_start >= limit_s
+            if self.iteration % save_every == 0 or self.iteration == self.total or timed_out:
                 ckpt = self.save_checkpoint()
+            if timed_out:
+                self.log(f"time limit of {t['time_limit_min']:g} min reached at iteration {self.iteration}")
+                if self.val and self.iteration % val_every:
+                    last_val = self.validate()
+                    self._csv("val_log.csv", {"iter": self.iteration, **last_val})
+                break
         bar.close()
         if self.iteration == self.total and ckpt is None:
             ckpt = self.save_checkpoint()
