@@ -56,7 +56,7 @@ class Upscaler:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike[str] = "realesrgan-x4plus",
+        name_or_path: str | os.PathLike[str] | None = None,
         *,
         device: str = "auto",
         precision: str = "fp32",
@@ -66,12 +66,15 @@ class Upscaler:
         channels_last: bool = True,
         compile: bool = False,
     ) -> Upscaler:
-        """A registered model name or a weights file (.pth/.safetensors/ncnn .param), on PyTorch."""
+        """A registered model name or a weights file (.pth/.safetensors/ncnn .param), on PyTorch.
+
+        ``None`` takes medsr's default, the shipped chest X-ray fidelity model (``medsr.weights.DEFAULT_MODEL``).
+        """
         from medsr.arch import fold_to_gray
         from medsr.runtime import TorchBackend
-        from medsr.weights import load_model
+        from medsr.weights import DEFAULT_MODEL, load_model
 
-        lm = load_model(name_or_path)
+        lm = load_model(DEFAULT_MODEL if name_or_path is None else name_or_path)
 
         def make(model: Any) -> Backend:
             return TorchBackend(model, device=device, precision=precision, channels_last=channels_last, compile=compile)

@@ -65,7 +65,7 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
 
     if engine:
         return Upscaler.from_engine(engine, **kw)  # type: ignore[arg-type]
-    return Upscaler.from_pretrained(model or "realesrgan-x4plus", **kw)  # type: ignore[arg-type]
+    return Upscaler.from_pretrained(model, **kw)  # type: ignore[arg-type]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +74,8 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
               help="Output folder; input folder structure is mirrored inside it.")
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False),
               help="Engine or model file: .plan (TensorRT), .onnx (ONNX Runtime), .pth/.safetensors (PyTorch).")
-@click.option("--model", help="Registered model name or weights path (default: realesrgan-x4plus).")
+@click.option("--model", help="Registered model name or weights path (default: medsr-cxr-x4, the shipped "
+              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model).")
 @click.option("--tile", type=int, default=None, help="LR tile edge in pixels, overlap included.")
 @click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")

@@ -19,8 +19,8 @@ DEFAULT_RECIPE = "cxr_x4"
 # opset 18, fp16). The export/*.toml files spell every field out; a test asserts both resolve alike.
 BUILTIN: dict[str, dict[str, Any]] = {
     "cxr_x4": {
-        "description": "Chest X-ray, x4: Real-ESRGAN x4plus folded exactly to 1 channel (gray in, gray out)",
-        "model": "realesrgan-x4plus",
+        "description": "Chest X-ray, x4: medsr-cxr-x4, the shipped gray fidelity model (gray in, gray out)",
+        "model": "medsr-cxr-x4",
         "channels": 1,
         "scale": 4,
         "output": "engines/cxr_x4.plan",

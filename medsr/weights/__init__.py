@@ -9,9 +9,10 @@ from medsr.weights.download import download, sha256_file
 from medsr.weights.errors import MissingWeightsError, WeightsError
 from medsr.weights.load import LoadedModel, load_model, save_weights
 from medsr.weights.ncnn import import_ncnn
-from medsr.weights.registry import MODELS, ModelEntry, cache_dir
+from medsr.weights.registry import DEFAULT_MODEL, MODELS, ModelEntry, cache_dir
 
 __all__ = [
+    "DEFAULT_MODEL",
     "MODELS",
     "LoadedModel",
     "MissingWeightsError",

@@ -43,7 +43,8 @@ def verify(path: Path, entry: ModelEntry, digest: str | None = None) -> str:
     if digest != entry.sha256:
         raise WeightsError(
             f"{path}: sha256 mismatch for {entry.name!r}: expected {entry.sha256}, got {digest}. "
-            f"Delete the file and download it again from {entry.url}"
+            + ("The file ships with medsr and was modified: reinstall medsr." if entry.packaged
+               else f"Delete the file and download it again from {entry.url}")
         )
     return "ok"
 

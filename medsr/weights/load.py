@@ -71,6 +71,8 @@ def _loaded(model: RRDBNet, model_id: str, digest: str, source: str) -> LoadedMo
 
 def _load_registered(entry: ModelEntry) -> LoadedModel:
     path = cached_path(entry)
+    if entry.packaged and not path.is_file():
+        raise MissingWeightsError(f"{entry.name!r} should ship inside medsr at {path}, but the file is missing: reinstall medsr")
     if path.is_file():
         digest = sha256_file(path)
         verify(path, entry, digest)

@@ -1,5 +1,9 @@
 """Registry of named models, and the weight cache directory.
 
+medsr's own medical models ship inside the package (``medsr/weights/models/*.safetensors``, fp16
+storage, a few MB) and resolve offline; their sha256 is pinned here and checked on every load.
+Model cards: docs/model-card-cxr-x4.md.
+
 Hashes are the sha256 of the official release files (67,040,989 and 67,061,725 bytes), as recorded by
 several independent public projects (e.g. Arch's python-realesrgan PKGBUILD ``sha256sums``).
 """
@@ -25,11 +29,37 @@ class ModelEntry:
     license: str = ""
     ncnn_package: str | None = None
     ncnn_param: str | None = None
+    packaged: bool = False  # ``filename`` ships in medsr/weights/models/ (no download)
 
+
+#: The model ``medsr-infer`` and ``Upscaler.from_pretrained()`` use when none is named.
+DEFAULT_MODEL = "medsr-cxr-x4"
 
 MODELS: dict[str, ModelEntry] = {
     e.name: e
     for e in (
+        ModelEntry(
+            name="medsr-cxr-x4",
+            filename="medsr-cxr-x4.safetensors",
+            url="",
+            sha256="9f4ce7e4f9dd13f17e92dd035cd3549e93f89efa90af5b9e4574fff92c12cc0a",
+            scale=4,
+            size=5_043_394,
+            description="medsr chest X-ray x4 fidelity model: gray RRDBNet 6 blocks x 48 features, L1 only (default)",
+            license="MIT (weights trained by medsr on NIH ChestX-ray14 images)",
+            packaged=True,
+        ),
+        ModelEntry(
+            name="medsr-cxr-x4-fast",
+            filename="medsr-cxr-x4-fast.safetensors",
+            url="",
+            sha256="79e1772f946103aa984f0e6166936d23b2c5f5673c38d69e54f438b4492b7107",
+            scale=4,
+            size=1_527_474,
+            description="medsr chest X-ray x4 fidelity model, fast: gray RRDBNet 4 blocks x 32 features, L1 only",
+            license="MIT (weights trained by medsr on NIH ChestX-ray14 images)",
+            packaged=True,
+        ),
         ModelEntry(
             name="realesrgan-x4plus",
             filename="RealESRGAN_x4plus.pth",
@@ -76,5 +106,12 @@ def cache_dir() -> Path:
 
 
 def cached_path(entry: ModelEntry) -> Path:
-    """Where the weights of ``entry`` live in the cache."""
+    """Where the weights of ``entry`` live: inside the package for shipped models, else in the cache."""
+    if entry.packaged:
+        return packaged_dir() / entry.filename
     return cache_dir() / entry.filename
+
+
+def packaged_dir() -> Path:
+    """``medsr/weights/models``: the medical models that ship with medsr."""
+    return Path(__file__).resolve().parent / "models"

@@ -1,0 +1,95 @@
+"""medsr's own shipped models: registry entries, pinned hashes, offline loading, the default choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medsr.api import Upscaler
+from medsr.weights import DEFAULT_MODEL, MODELS, WeightsError, load_model, sha256_file
+from medsr.weights import registry as reg
+
+SHIPPED = sorted(n for n, e in MODELS.items() if e.packaged)
+
+
+def test_default_is_a_shipped_gray_x4_model() -> None:
+    assert DEFAULT_MODEL == "medsr-cxr-x4"
+    assert set(SHIPPED) == {"medsr-cxr-x4", "medsr-cxr-x4-fast"}
+    assert MODELS[DEFAULT_MODEL].packaged and MODELS[DEFAULT_MODEL].scale == 4
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_file_present_pinned_and_small(name: str) -> None:
+    e = MODELS[name]
+    path = reg.cached_path(e)
+    assert path.parent == reg.packaged_dir() and path.is_file()
+    assert path.stat().st_size == e.size and e.size < 8_000_000
+    assert sha256_file(path) == e.sha256
+
+
+@pytest.mark.parametrize(("name", "blocks", "feat"), [("medsr-cxr-x4", 6, 48), ("medsr-cxr-x4-fast", 4, 32)])
+def test_shipped_model_loads_offline_and_upscales(name: str, blocks: int, feat: int) -> None:
+    lm = load_model(name)
+    m = lm.model
+    assert lm.model_id == name and lm.sha256 == MODELS[name].sha256
+    assert (m.num_in_ch, m.num_out_ch, m.scale, m.num_block, m.num_feat) == (1, 1, 4, blocks, feat)
+    # a smooth gradient stays a smooth gradient of the same level (a faithful model, not a painter)
+    yy, xx = np.mgrid[0:24, 0:24].astype(np.float32)
+    lr = 0.3 + 0.4 * (xx + yy) / 46.0
+    with torch.inference_mode():
+        hr = m(torch.from_numpy(lr)[None, None])[0, 0].numpy()
+    assert hr.shape == (96, 96)
+    ref = np.kron(lr, np.ones((4, 4), np.float32))
+    inner = (slice(8, -8), slice(8, -8))
+    assert abs(float(hr[inner].mean() - ref[inner].mean())) < 0.01
+    assert float(np.abs(hr[inner] - ref[inner]).max()) < 0.06
+
+
+def test_from_pretrained_without_a_name_uses_the_default() -> None:
+    up = Upscaler.from_pretrained(tile=32, overlap=8)
+    assert up.model_id == DEFAULT_MODEL and up.scale == 4
+    out = up(np.full((20, 28), 1000, np.uint16))
+    assert out.shape == (80, 112) and out.dtype == np.uint16
+    assert abs(float(out.mean()) - 1000) < 40
+
+
+def test_tampered_shipped_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    e = MODELS["medsr-cxr-x4-fast"]
+    fake = tmp_path / "models"
+    fake.mkdir()
+    data = bytearray(reg.cached_path(e).read_bytes())
+    data[-1] ^= 0xFF
+    (fake / e.filename).write_bytes(bytes(data))
+    monkeypatch.setattr(reg, "packaged_dir", lambda: fake)
+    with pytest.raises(WeightsError, match="reinstall medsr"):
+        load_model("medsr-cxr-x4-fast")
+    (fake / e.filename).unlink()
+    with pytest.raises(WeightsError, match="should ship inside medsr"):
+        load_model("medsr-cxr-x4-fast")
+
+
+def test_medsr_infer_defaults_to_the_medical_model(tmp_path: Path) -> None:
+    import cv2
+
+    from medsr.cli.infer import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.full((24, 20), 120, np.uint8))
+    r = CliRunner().invoke(main, [str(src), "-o", str(tmp_path / "out"), "--tile", "32", "--overlap", "8"])
+    assert r.exit_code == 0, r.output
+    out = cv2.imread(str(tmp_path / "out" / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert out.shape == (96, 80) and abs(float(out.mean()) - 120) < 5
+
+
+def test_x4plus_stays_available_by_name() -> None:
+    assert "realesrgan-x4plus" in MODELS and not MODELS["realesrgan-x4plus"].packaged
+
+
+def test_package_data_declares_the_models() -> None:
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"medsr.weights" = ["models/*.safetensors"]' in text
