@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsr.io.image import DEFAULT_MAX_PIXELS
 from medsr.runtime.adapters import GrayViaRGB, PerChannel
 from medsr.runtime.backend import Backend
 
@@ -151,6 +152,14 @@ class Upscaler:
                 return np.clip(np.rint(strip * peak), 0, peak).astype(out_dtype)
         elif np.issubdtype(arr.dtype, np.floating):
             x = arr.astype(np.float32, copy=False)
+            lo, hi = (float(np.nanmin(x)), float(np.nanmax(x))) if x.size else (0.0, 0.0)
+            if not np.isfinite(x).all():
+                raise ValueError("float image holds NaN or Inf values; give finite values in [0, 1]")
+            if lo < 0.0 or hi > 1.0:
+                raise ValueError(
+                    f"float images must lie in [0, 1], got values in [{lo:g}, {hi:g}]: divide by the full scale "
+                    "(e.g. x / 255 or x / 65535), or pass the uint8/uint16 array itself"
+                )
             out_dtype = np.dtype(np.float32)
             convert = None
         else:
@@ -184,9 +193,13 @@ class Upscaler:
         return make_output(img, out, s, self.model_id)
 
     def upscale_file(
-        self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, on_tiles: Any = None
+        self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, on_tiles: Any = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> Path:
-        """Read ``src``, upscale, write ``dst`` atomically in the same format and bit depth."""
+        """Read ``src``, upscale, write ``dst`` atomically in the same format and bit depth.
+
+        Inputs above ``max_pixels`` LR pixels (from the header, before decoding) are refused.
+        """
         from medsr.io import read_image, write_image
 
         src, dst = Path(src), Path(dst)
@@ -194,7 +207,7 @@ class Upscaler:
             raise ValueError(f"{dst}: refusing to write over the input file")
         if dst.exists() and not overwrite:
             raise FileExistsError(f"{dst}: output exists (pass overwrite=True to replace it)")
-        img = read_image(src)
+        img = read_image(src, max_pixels=max_pixels)
         return write_image(self.upscale_image(img, on_tiles=on_tiles), dst)
 
     def upscale_dicom(self, ds: Any) -> Any:

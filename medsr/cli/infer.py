@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,27 +39,90 @@ def _looks_like_image(path: Path) -> bool:
         return True  # let the reader report the problem
 
 
-def collect_jobs(inputs: list[Path], outdir: Path) -> tuple[list[Job], list[Path]]:
+@dataclass
+class Walk:
+    jobs: list[Job] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why): not images, special files
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # dangling links, output collisions
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def collect_jobs(inputs: list[Path], outdir: Path) -> Walk:
     """Files as given; folders walked recursively (hidden files skipped), structure mirrored.
 
-    Returns (jobs, ignored): files met while walking a folder that are not images (a manifest.csv
-    beside the scans) are ignored and reported, not failed. Files named explicitly are always tried.
+    - Symbolic links are followed (files and folders); a folder reached twice (a link loop or two
+      links to one folder) is walked once; a dangling link is reported as failed.
+    - The output folder is never walked, even when it lies inside an input folder.
+    - Files met while walking that are not images (a manifest.csv) or not regular files (a FIFO)
+      are ignored and reported; files named explicitly are always tried.
+    - Two inputs that map to one output (``d1/a.png d2/a.png``, ``a.png`` + ``a.PNG`` on a
+      case-insensitive disk) are both reported as failed before anything runs: nothing is dropped.
     """
-    jobs: list[Job] = []
-    ignored: list[Path] = []
+    w = Walk()
+    multi = len(inputs) > 1
     for inp in inputs:
-        if inp.is_dir():
-            for f in sorted(inp.rglob("*")):
+        if not inp.is_dir():
+            w.jobs.append(Job(inp, outdir / inp.name))
+            continue
+        if _inside(inp, outdir):
+            w.ignored.append((inp, "is inside the output folder"))
+            continue
+        seen: set[tuple[int, int]] = set()
+        for root, dirs, files in os.walk(inp, followlinks=True):
+            rootp = Path(root)
+            st = rootp.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                w.ignored.append((rootp, "folder already walked (symbolic link loop or duplicate link)"))
+                dirs[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _same_or_inside(rootp / d, outdir))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                f = rootp / name
                 rel = f.relative_to(inp)
-                if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+                if f.is_symlink() and not f.exists():
+                    w.failed.append((f, f"{f}: dangling symbolic link (target {os.readlink(f)} does not exist)"))
+                    continue
+                if not f.is_file():
+                    w.ignored.append((f, "not a regular file"))
                     continue
                 if not _looks_like_image(f):
-                    ignored.append(f)
+                    w.ignored.append((f, "not an image"))
                     continue
-                jobs.append(Job(f, outdir / inp.name / rel if len(inputs) > 1 else outdir / rel))
-        else:
-            jobs.append(Job(inp, outdir / inp.name))
-    return jobs, ignored
+                w.jobs.append(Job(f, outdir / inp.name / rel if multi else outdir / rel))
+            for d in list(dirs):  # dangling links to folders show up in neither list as files
+                if (rootp / d).is_symlink() and not (rootp / d).exists():
+                    dirs.remove(d)
+                    w.failed.append((rootp / d, f"{rootp / d}: dangling symbolic link"))
+            _drop_collisions(w)
+    return w
+
+
+def _same_or_inside(path: Path, folder: Path) -> bool:
+    return folder.exists() and _inside(path, folder)
+
+
+def _drop_collisions(w: Walk) -> None:
+    by_dst: dict[str, list[Job]] = {}
+    for j in w.jobs:
+        by_dst.setdefault(os.path.normcase(str(j.dst.absolute())).casefold(), []).append(j)
+    clash = {id(j) for group in by_dst.values() if len(group) > 1 for j in group}
+    for group in by_dst.values():
+        if len(group) > 1:
+            names = ", ".join(str(j.src) for j in group)
+            for j in group:
+                w.failed.append((j.src, f"{j.src}: output collision: {names} would all be written to {group[0].dst}; "
+                                         "give them separate runs or output folders"))
+    w.jobs = [j for j in w.jobs if id(j) not in clash]
 
 
 def _load_upscaler(engine: str | None, model: str | None, **kw: object):
@@ -83,10 +148,13 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (PyTorch only; slow first tile).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Refuse inputs with more LR pixels than this, read from the header before decoding "
+                   "[default: 50000000].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str, compile_: bool, overwrite: bool,
-         quiet: bool) -> None:
+         max_pixels: int | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -98,7 +166,11 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         raise click.UsageError("give --engine or --model, not both")
     if compile_ and engine and Path(engine).suffix.lower() in {".onnx", ".plan", ".engine"}:
         raise click.UsageError("--compile applies to PyTorch models, not to ONNX or TensorRT engines")
-    jobs, ignored = collect_jobs(list(inputs), outdir)
+    from medsr.io import DEFAULT_MAX_PIXELS
+    from medsr.io.atomic import remove_stale_temps
+
+    walk = collect_jobs(list(inputs), outdir)
+    jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
     from medsr.runtime import TileConfig, plan_tiles
 
@@ -118,8 +190,16 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     except ValueError as e:
         raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
 
-    summary = Summary()
+    summary = Summary(failed=list(walk.failed))
+    for folder in sorted({j.dst.parent for j in jobs}):  # temps of runs killed mid-write
+        for stale in remove_stale_temps(folder):
+            click.echo(f"  removed stale temporary file of an interrupted run: {stale}", err=True)
+    # SIGTERM (a service stop, `kill`) ends the run like Ctrl-C: the file being written is abandoned
+    # cleanly (its temp file removed, no partial output) and the exit status is non-zero
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     t0 = time.perf_counter()
+    interrupted: str | None = None
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
     for job in files_bar:
@@ -132,12 +212,13 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         try:
             from medsr.io import read_image, write_image
 
-            img = read_image(job.src)
+            img = read_image(job.src, max_pixels=limit)
             tiles_bar.reset(total=up.plan(img.height, img.width, img.channels).num_tiles)
             job.dst.parent.mkdir(parents=True, exist_ok=True)
             write_image(up.upscale_image(img, on_tiles=tiles_bar.update), job.dst)
-        except KeyboardInterrupt:
-            raise
+        except KeyboardInterrupt as e:
+            interrupted = f"interrupted ({e or 'SIGINT'}) while writing {job.dst}: that file was not written"
+            break
         except Exception as e:
             msg = str(e) or type(e).__name__
             if job.src.name not in msg:
@@ -150,16 +231,23 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     tiles_bar.close()
     files_bar.close()
     dt = time.perf_counter() - t0
-    for path in ignored:
-        click.echo(f"  ignored (not an image): {path}", err=True)
+    for path, why in ignored:
+        click.echo(f"  ignored ({why}): {path}", err=True)
     click.echo(
         f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed, "
-        f"{len(ignored)} ignored (not images); "
+        f"{len(ignored)} ignored (not images or not regular files); "
         f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}"
     )
     for _src, msg in summary.failed:
         click.echo(f"  failed: {msg}", err=True)
+    if interrupted:
+        click.echo(f"medsr-infer: {interrupted}; re-run to continue (existing outputs are skipped)", err=True)
+        sys.exit(130)
     sys.exit(1 if summary.failed else 0)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 from medsr.io.atomic import atomic_write_path
 from medsr.io.image import (
+    DEFAULT_MAX_PIXELS,
     SUPPORTED_SUFFIXES,
     Image,
     ImageReadError,
+    ImageTooLargeError,
     ImageWriteError,
     float_to_stored,
     is_supported,
@@ -35,9 +37,11 @@ def derive_dicom(
 
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
     "Image",
     "ImageReadError",
+    "ImageTooLargeError",
     "ImageWriteError",
     "atomic_write_path",
     "derive_dicom",

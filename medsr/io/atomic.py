@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,9 +36,7 @@ def atomic_write_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     replaces.
     """
     dest = Path(dest)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _create_temp(dest)
     try:
         yield tmp
         if not tmp.exists() or tmp.stat().st_size == 0:
@@ -54,3 +53,55 @@ def atomic_write_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+#: ``.<name, cut to fit>.medsr-<pid>-<random>.tmp<suffix>``: the pid lets a later run tell its own dead temps
+TEMP_RE = re.compile(r"^\..*\.medsr-(\d+)-[0-9a-f]{8}\.tmp[^/]*$")
+NAME_MAX = 255
+
+
+def _create_temp(dest: Path) -> Path:
+    """A new empty temp file beside ``dest`` whose name stays within NAME_MAX bytes."""
+    for _ in range(100):
+        tail = f".medsr-{os.getpid()}-{secrets.token_hex(4)}.tmp{dest.suffix}"
+        room = NAME_MAX - 1 - len(tail.encode())
+        stem = dest.name.encode()[: max(room, 0)].decode("utf-8", "ignore")
+        tmp = dest.parent / f".{stem}{tail}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{dest}: cannot create a temporary file beside it")  # pragma: no cover
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temp files of medsr's naming pattern in ``folder`` whose writing process is gone
+    (a run killed by SIGKILL or a power loss). Temps of live processes are left alone."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = TEMP_RE.match(e.name)
+        if not m or not e.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

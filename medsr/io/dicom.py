@@ -118,6 +118,15 @@ def _read_dicom(path: Path) -> Image:
     return _image_from_dataset(ds, path)
 
 
+def _has_pixel_tag(path: Path) -> bool:
+    """True if the raw file contains the (7FE0,0010) Pixel Data tag (little or big endian)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
+
+
 def image_from_dataset(ds: Any, path: Path | None = None) -> Image:
     """An :class:`Image` from an in-memory pydicom Dataset (same checks as :func:`read_dicom`;
     messages name ``path`` or ``<dataset>``). The dataset is kept as ``Image.dataset``."""
@@ -130,6 +139,11 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise ImageReadError(f"{where}: DICOM float pixel data is not supported")
     if "PixelData" not in ds:
+        if path is not None and _has_pixel_tag(path):
+            raise ImageReadError(
+                f"{where}: the file holds a pixel data element that cannot be read: it is truncated or corrupt "
+                "(e.g. an element runs past the end of the file)"
+            )
         raise ImageReadError(
             f"{where}: DICOM file has no pixel data (not an image: e.g. a report or structure)"
         )
@@ -162,13 +176,34 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
         raise ImageReadError(f"{where}: unsupported DICOM SamplesPerPixel {samples}")
     if samples == 3 and pixel_rep:
         raise ImageReadError(f"{where}: signed colour DICOM is not supported")
+    tsuid = str(tsyntax) if tsyntax else ""
+    raw = ds.get("PixelData")
+    native = tsuid in ("", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+    if native and raw is not None:
+        if getattr(ds["PixelData"], "is_undefined_length", False) or isinstance(raw, (list, tuple)):
+            raise ImageReadError(
+                f"{where}: native ({ts_name}) pixel data has undefined length (encapsulated): the transfer syntax "
+                "does not match the pixel data, or the file is corrupt"
+            )
+        expected = int(ds.Rows) * int(ds.Columns) * samples * frames * bits_alloc // 8
+        got = len(raw) if isinstance(raw, (bytes, bytearray)) else expected
+        if got < expected:
+            raise ImageReadError(
+                f"{where}: pixel data is truncated: {got} bytes, expected {expected} for "
+                f"{ds.Rows}x{ds.Columns}x{samples} at {bits_alloc} bits"
+            )
+        if got > expected + 1:  # one pad byte is legal
+            raise ImageReadError(
+                f"{where}: pixel data is {got} bytes, expected {expected} for {ds.Rows}x{ds.Columns}x{samples} at "
+                f"{bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated do not match the data"
+            )
     try:
         arr = ds.pixel_array  # YBR is converted to RGB by pydicom
     except Exception as e:  # missing plugin, corrupt codestream, short pixel data
         detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise ImageReadError(
-            f"{where}: cannot decode DICOM pixel data ({ts_name}): {type(e).__name__}"
-            f"{': ' + detail if detail else ''}"
+            f"{where}: cannot decode DICOM pixel data ({ts_name}): corrupt, truncated or not in that transfer "
+            f"syntax ({type(e).__name__}{': ' + detail if detail else ''})"
         ) from None
     want = np.int16 if pixel_rep else np.uint16
     if bits_alloc == 8:

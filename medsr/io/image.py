@@ -147,14 +147,45 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def read_image(path: str | os.PathLike[str]) -> Image:
+#: Largest image (LR pixels, all frames) read by default: above the largest real radiographs
+#: (43x43 cm at 100 um = 18.5 MP) and fundus photographs (24 MP); ``--max-pixels`` / ``max_pixels=``.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageTooLargeError(ImageReadError):
+    """The header declares more pixels than the configured limit; nothing was decoded."""
+
+
+def check_regular_file(p: Path) -> None:
+    """Refuse FIFOs, devices, sockets and directories before anything opens them (a FIFO blocks)."""
+    import stat
+
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ImageReadError(f"{p}: file not found" + (" (dangling symbolic link)" if p.is_symlink() else "")) from None
+    except OSError as e:
+        raise ImageReadError(f"{p}: cannot open ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(f"{p}: is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a special file")
+        raise ImageReadError(f"{p}: is {kind}, not a regular file; only regular files are read")
+
+
+def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
     """Read a PNG/JPEG/TIFF/DICOM file; the format comes from the content, the suffix only decides
     whether a file without a known signature is tried as (preamble-less) DICOM.
 
+    Only regular files are read. The dimensions are read from the header first: an image of more
+    than ``max_pixels`` pixels (all frames; ``None`` = no limit) is refused before decoding.
     Raises :class:`ImageReadError` (naming the file and the problem) for anything unreadable.
     """
     p = Path(path)
     suffix = p.suffix.lower()
+    check_regular_file(p)
     try:
         with open(p, "rb") as f:
             head = f.read(132)
@@ -181,6 +212,8 @@ def read_image(path: str | os.PathLike[str]) -> Image:
             )
     elif suffix and suffix in SUPPORTED_SUFFIXES and not _suffix_agrees(fmt, suffix):
         log.warning("%s: content is %s although the suffix says %s; reading as %s", p, fmt, suffix, fmt)
+    if max_pixels is not None:
+        _check_size(p, fmt, max_pixels)
 
     if fmt == "dicom":
         from medsr.io.dicom import read_dicom
@@ -200,6 +233,21 @@ def read_image(path: str | os.PathLike[str]) -> Image:
         img.photometric,
     )
     return img
+
+
+def _check_size(p: Path, fmt: str, max_pixels: int) -> None:
+    from medsr.io.probe import check_deflate_size, dicom_is_deflated, header_size
+
+    h, w, frames = header_size(p, fmt)
+    n = h * w * frames
+    if n > max_pixels:
+        what = f"{w}x{h}" + (f"x{frames} frames" if frames > 1 else "")
+        raise ImageTooLargeError(
+            f"{p}: image is {what} ({n / 1e6:.1f} MP), above the limit of {max_pixels / 1e6:g} MP; "
+            "refusing to decode it (raise the limit with --max-pixels / max_pixels= if it is genuine)"
+        )
+    if fmt == "dicom" and dicom_is_deflated(p):
+        check_deflate_size(p, max_pixels * 8 + (16 << 20))  # up to 4 samples x 16 bit, plus the header
 
 
 # ------------------------------------------------------------------------------------ normalising

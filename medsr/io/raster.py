@@ -76,9 +76,11 @@ def _read_png(path: Path, data: bytes) -> Image:
 def _read_jpeg(path: Path, data: bytes) -> Image:
     import cv2
 
-    tail = data.rfind(b"\xff\xd9")
-    if tail < 0 or tail < len(data) - 4096:
-        raise ImageReadError(f"{path}: truncated JPEG file (no end-of-image marker)")
+    # the main image's end-of-image marker comes after its first start-of-scan (an EXIF thumbnail's EOI
+    # comes before it); bytes after the EOI (camera trailers, padding) are legal and ignored
+    sos = data.find(b"\xff\xda")
+    if sos < 0 or data.rfind(b"\xff\xd9") < sos:
+        raise ImageReadError(f"{path}: truncated JPEG file (no end-of-image marker after the image data)")
     # ANYCOLOR|ANYDEPTH: gray stays gray, EXIF orientation is applied (no EXIF is written back)
     arr = _decode(path, data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH, "JPEG")
     meta: dict = {"jpeg_quality": JPEG_QUALITY}
@@ -120,7 +122,11 @@ def _read_tiff(path: Path) -> Image:
         )
     if "S" in axes and axes.index("S") < axes.index("Y"):  # planar configuration: samples first
         arr = np.moveaxis(arr, axes.index("S"), -1)
-    arr = np.squeeze(arr)
+        axes = axes.replace("S", "") + "S"
+    # drop singleton axes other than Y/X (a 1x1 image keeps its two axes), then a single sample
+    arr = arr.reshape([n for n, a in zip(arr.shape, axes, strict=True) if a in "YX" or n != 1])
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
     if arr.ndim == 3 and arr.shape[2] == 4:
         log.warning("%s: alpha (extra sample) dropped (output has no alpha)", path)
         arr = arr[:, :, :3]

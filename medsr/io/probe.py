@@ -1,0 +1,133 @@
+"""Image dimensions from the file header, before any pixel is decoded (decompression-bomb guard).
+
+A small PNG, TIFF, JPEG or deflated DICOM can claim (and decode to) 20000 x 20000 pixels. Every
+reader in ``medsr.io`` first asks :func:`header_size` for the dimensions and refuses images above
+the pixel limit (``DEFAULT_MAX_PIXELS``, ``--max-pixels``), so memory is never spent on them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+from medsr.io.image import ImageReadError
+
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); not DHT/JPG/DAC
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def header_size(path: Path, fmt: str) -> tuple[int, int, int]:
+    """(height, width, frames) from the header of a ``fmt`` file; raises ImageReadError if unreadable."""
+    if fmt == "png":
+        with open(path, "rb") as f:
+            head = f.read(24)
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            raise ImageReadError(f"{path}: not a valid PNG file (missing IHDR header)")
+        w, h = struct.unpack(">II", head[16:24])
+        return h, w, 1
+    if fmt == "jpeg":
+        return _jpeg_size(path)
+    if fmt == "tiff":
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
+                h, w = int(page.imagelength), int(page.imagewidth)
+        except Exception as e:  # tifffile raises many types for corrupt headers
+            raise ImageReadError(f"{path}: not a valid TIFF file ({type(e).__name__}: {e})") from None
+        return h, w, 1
+    if fmt == "dicom":
+        return _dicom_size(path)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _jpeg_size(path: Path) -> tuple[int, int, int]:
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            raise ImageReadError(f"{path}: not a valid JPEG file (no start-of-image marker)")
+        while True:
+            b = f.read(1)
+            while b and b != b"\xff":  # skip to the next marker
+                b = f.read(1)
+            while b == b"\xff":  # fill bytes
+                b = f.read(1)
+            if not b:
+                raise ImageReadError(f"{path}: truncated JPEG file (no frame header)")
+            marker = b[0]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                continue
+            seg = f.read(2)
+            if len(seg) < 2:
+                raise ImageReadError(f"{path}: truncated JPEG file (no frame header)")
+            n = struct.unpack(">H", seg)[0]
+            if marker in _SOF:
+                data = f.read(5)
+                if len(data) < 5:
+                    raise ImageReadError(f"{path}: truncated JPEG file (short frame header)")
+                h, w = struct.unpack(">HH", data[1:5])
+                return h, w, 1
+            if n < 2:
+                raise ImageReadError(f"{path}: corrupt JPEG file (bad segment length)")
+            f.seek(n - 2, 1)
+
+
+def _dicom_size(path: Path) -> tuple[int, int, int]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=None)
+    except Exception as e:  # the full reader reports the details
+        raise ImageReadError(f"{path}: corrupt DICOM file ({type(e).__name__})") from None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if rows is None or cols is None:
+        return 0, 0, 0  # not an image: the full reader names the problem
+    return int(rows), int(cols), max(1, frames)
+
+
+def dicom_is_deflated(path: Path) -> bool:
+    import pydicom
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:
+        return False
+    return str(meta.get("TransferSyntaxUID", "")) == DEFLATED
+
+
+def check_deflate_size(path: Path, limit_bytes: int) -> None:
+    """Inflate a deflated DICOM body in 1 MB steps and refuse it once it passes ``limit_bytes``."""
+    with open(path, "rb") as f:
+        f.seek(132 + _meta_length(path))
+        d = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := f.read(1 << 20):
+            try:
+                total += len(d.decompress(chunk, limit_bytes + 1 - total))
+                while d.unconsumed_tail and total <= limit_bytes:
+                    total += len(d.decompress(d.unconsumed_tail, limit_bytes + 1 - total))
+            except zlib.error as e:
+                raise ImageReadError(f"{path}: corrupt deflated DICOM data ({e})") from None
+            if total > limit_bytes:
+                raise ImageReadError(
+                    f"{path}: deflated DICOM inflates to more than {limit_bytes / 1e6:.0f} MB, "
+                    "more than the pixel limit allows; refusing to decode it"
+                )
+
+
+def _meta_length(path: Path) -> int:
+    """Bytes of the file meta group after the preamble (group length element + its value)."""
+    with open(path, "rb") as f:
+        f.seek(132)
+        head = f.read(12)
+    # (0002,0000) UL 4 value: explicit VR little endian
+    if head[:4] != b"\x02\x00\x00\x00":
+        raise ImageReadError(f"{path}: DICOM file meta has no group length")
+    (length,) = struct.unpack("<I", head[8:12])
+    return 12 + length
