@@ -152,9 +152,9 @@ class Upscaler:
                 return np.clip(np.rint(strip * peak), 0, peak).astype(out_dtype)
         elif np.issubdtype(arr.dtype, np.floating):
             x = arr.astype(np.float32, copy=False)
-            lo, hi = (float(np.nanmin(x)), float(np.nanmax(x))) if x.size else (0.0, 0.0)
             if not np.isfinite(x).all():
                 raise ValueError("float image holds NaN or Inf values; give finite values in [0, 1]")
+            lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
             if lo < 0.0 or hi > 1.0:
                 raise ValueError(
                     f"float images must lie in [0, 1], got values in [{lo:g}, {hi:g}]: divide by the full scale "

@@ -103,7 +103,7 @@ def collect_jobs(inputs: list[Path], outdir: Path) -> Walk:
                 if (rootp / d).is_symlink() and not (rootp / d).exists():
                     dirs.remove(d)
                     w.failed.append((rootp / d, f"{rootp / d}: dangling symbolic link"))
-            _drop_collisions(w)
+    _drop_collisions(w)
     return w
 
 

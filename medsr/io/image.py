@@ -238,6 +238,8 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
 def _check_size(p: Path, fmt: str, max_pixels: int) -> None:
     from medsr.io.probe import check_deflate_size, dicom_is_deflated, header_size
 
+    if fmt == "dicom" and dicom_is_deflated(p):  # inflating is itself the bomb: cap it before parsing
+        check_deflate_size(p, max_pixels * 8 + (16 << 20))  # up to 4 samples x 16 bit, plus the header
     h, w, frames = header_size(p, fmt)
     n = h * w * frames
     if n > max_pixels:
@@ -246,8 +248,6 @@ def _check_size(p: Path, fmt: str, max_pixels: int) -> None:
             f"{p}: image is {what} ({n / 1e6:.1f} MP), above the limit of {max_pixels / 1e6:g} MP; "
             "refusing to decode it (raise the limit with --max-pixels / max_pixels= if it is genuine)"
         )
-    if fmt == "dicom" and dicom_is_deflated(p):
-        check_deflate_size(p, max_pixels * 8 + (16 << 20))  # up to 4 samples x 16 bit, plus the header
 
 
 # ------------------------------------------------------------------------------------ normalising

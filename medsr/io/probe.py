@@ -108,10 +108,10 @@ def check_deflate_size(path: Path, limit_bytes: int) -> None:
         d = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         while chunk := f.read(1 << 20):
-            try:
-                total += len(d.decompress(chunk, limit_bytes + 1 - total))
+            try:  # at most 4 MB of output per call: the inflated data is counted, never held
+                total += len(d.decompress(chunk, min(4 << 20, limit_bytes + 1 - total)))
                 while d.unconsumed_tail and total <= limit_bytes:
-                    total += len(d.decompress(d.unconsumed_tail, limit_bytes + 1 - total))
+                    total += len(d.decompress(d.unconsumed_tail, min(4 << 20, limit_bytes + 1 - total)))
             except zlib.error as e:
                 raise ImageReadError(f"{path}: corrupt deflated DICOM data ({e})") from None
             if total > limit_bytes:

@@ -1,0 +1,347 @@
+"""Hostile inputs and faults against medsr-infer and the API, one group per class of issue 11.
+
+Every case is generated here (small, deterministic). Decompression bombs and signals run the real
+CLI in a subprocess so that its exit code, messages and peak memory are what a user would see.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_cr, tiny_rrdb
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from medsr.api import Upscaler
+from medsr.cli.infer import main
+from medsr.io import ImageReadError, ImageTooLargeError, read_image
+from medsr.io.atomic import atomic_write_path, remove_stale_temps
+
+BIG = 20000
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny_x4.pth"
+    torch.save({"params_ema": tiny_rrdb(4, 1).state_dict()}, p)
+    return p
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, ["--quiet", "--device", "cpu", "--tile", "16", "--overlap", "4", *args])
+
+
+def _sub(model: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "medsr.cli.infer", "--quiet", "--device", "cpu", "--model", str(model), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _png(path: Path, shape: tuple[int, ...] = (16, 16), value: int = 100) -> Path:
+    cv2.imwrite(str(path), np.full(shape, value, np.uint8))
+    return path
+
+
+def _temps(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------- 1. bombs and huge images
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(path: Path) -> Path:
+    """A ~400 KB PNG that decodes to 20000 x 20000 8-bit gray (400 MB)."""
+    c = zlib.compressobj(9)
+    row = b"\x00" * (BIG + 1)
+    body = b"".join(c.compress(row) for _ in range(BIG)) + c.flush()
+    ihdr = struct.pack(">IIBBBBB", BIG, BIG, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", body) + _chunk(b"IEND", b""))
+    return path
+
+
+def jpeg_bomb(path: Path) -> Path:
+    """A small real JPEG whose frame header claims 30000 x 30000."""
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16), 90, np.uint8))
+    data = bytearray(buf.tobytes())
+    i = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, i + 5, 30000, 30000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def tiff_bomb(path: Path) -> Path:
+    """A deflate TIFF whose 20000 strips all point at one compressed row of zeros."""
+    row = zlib.compress(b"\x00" * BIG, 9)
+    n_tags = 10
+    ifd_at = 8
+    data_at = ifd_at + 2 + n_tags * 12 + 4
+    offs_at = data_at + len(row)
+    counts_at = offs_at + 4 * BIG
+    tags = [(256, 4, 1, BIG), (257, 4, 1, BIG), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+            (273, 4, BIG, offs_at), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, BIG, counts_at), (284, 3, 1, 1)]
+    out = bytearray(b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", n_tags))
+    for tag, typ, count, value in tags:
+        out += struct.pack("<HHII", tag, typ, count, value) if typ == 4 else struct.pack("<HHIHH", tag, typ, count, value, 0)
+    out += struct.pack("<I", 0) + row + struct.pack(f"<{BIG}I", *([data_at] * BIG)) + struct.pack(f"<{BIG}I", *([len(row)] * BIG))
+    path.write_bytes(bytes(out))
+    return path
+
+
+def deflated_dicom_bomb(path: Path) -> Path:
+    """A deflated DICOM of 20000 x 20000 x 16 bit (800 MB of pixels) in well under 1 MB."""
+    ds = make_cr(h=4, w=4)
+    ds.Rows = ds.Columns = BIG
+    del ds.PixelData
+    small = path.with_suffix(".hdr.dcm")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(small, enforce_file_format=True)
+    raw = small.read_bytes()
+    meta_end = 132 + 12 + struct.unpack("<I", raw[140:144])[0]
+    small.unlink()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = pydicom.dataset.FileMetaDataset(ds.file_meta)
+    from io import BytesIO
+
+    bio = BytesIO()
+    pydicom.filewriter.write_file_meta_info(pydicom.filebase.DicomFileLike(bio), meta, enforce_standard=True)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    n = BIG * BIG * 2
+    body = c.compress(raw[meta_end:]) + c.compress(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n))
+    zero = b"\x00" * (1 << 22)
+    for _ in range(n // len(zero)):
+        body += c.compress(zero)
+    body += c.flush()
+    path.write_bytes(b"\x00" * 128 + b"DICM" + bio.getvalue() + body)
+    return path
+
+
+def test_bombs_are_refused_from_the_header_in_bounded_memory(tmp_path: Path, model_path: Path) -> None:
+    d = tmp_path / "bombs"
+    d.mkdir()
+    files = [png_bomb(d / "a.png"), jpeg_bomb(d / "b.jpg"), tiff_bomb(d / "c.tif"), deflated_dicom_bomb(d / "d.dcm")]
+    assert max(f.stat().st_size for f in files) < 2_000_000
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.monotonic()
+    r = _sub(model_path, str(d), "-o", str(tmp_path / "out"))
+    dt = time.monotonic() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert r.returncode == 1, r.stderr
+    assert "0 written" in r.stdout and "4 failed" in r.stdout
+    for f, size in zip(files[:3], ("20000x20000", "30000x30000", "20000x20000"), strict=True):
+        assert f"{f}: image is {size}" in r.stderr and "above the limit of 50 MP" in r.stderr
+    assert f"{files[3]}: deflated DICOM inflates to more than" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert peak_mb < 600 or before / 1024 >= 600, f"peak RSS {peak_mb:.0f} MB"  # measured: 252 MB
+    assert dt < 50
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.*"))
+
+
+def test_pixel_limit_is_configurable_and_names_the_file(tmp_path: Path, model_path: Path) -> None:
+    src = _png(tmp_path / "scan.png", (40, 50))
+    with pytest.raises(ImageTooLargeError, match=r"scan.png: image is 50x40 \(0.0 MP\), above the limit of 0.001 MP"):
+        read_image(src, max_pixels=1000)
+    assert read_image(src, max_pixels=2000).width == 50
+    r = _cli("--model", str(model_path), "--max-pixels", "1000", str(src), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "above the limit" in r.output
+    up = Upscaler.from_pretrained(model_path, device="cpu", tile=16, overlap=4)
+    with pytest.raises(ImageTooLargeError):
+        up.upscale_file(src, tmp_path / "o2.png", max_pixels=1000)
+
+
+# ---------------------------------------------------------------- 2. special files
+
+
+def test_fifo_and_devices_are_refused_without_hanging(tmp_path: Path, model_path: Path) -> None:
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    r = _sub(model_path, str(fifo), "/dev/zero", "/dev/urandom", "-o", str(tmp_path / "out"), timeout=60)
+    assert r.returncode == 1
+    assert f"{fifo}: is a FIFO (named pipe), not a regular file" in r.stderr
+    assert "/dev/zero: is a character device" in r.stderr and "/dev/urandom: is a character device" in r.stderr
+    # met while walking a folder: reported as ignored, the rest of the folder runs
+    d = tmp_path / "d"
+    d.mkdir()
+    os.mkfifo(d / "pipe.png")
+    _png(d / "ok.png")
+    r = _cli("--model", str(model_path), str(d), "-o", str(tmp_path / "o2"))
+    assert r.exit_code == 0 and "1 written" in r.output and "ignored (not a regular file)" in r.output
+
+
+# ---------------------------------------------------------------- 3. interrupted writes
+
+
+def test_stale_temps_are_removed_and_live_ones_kept(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out / f".a.png.medsr-{dead.pid}-0badf00d.tmp.png"
+    live = out / f".b.png.medsr-{os.getppid()}-0badf00d.tmp.png"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    assert remove_stale_temps(out) == [stale] and live.exists()
+    stale.write_bytes(b"partial")
+    r = _cli("--model", str(model_path), str(_png(tmp_path / "a.png")), "-o", str(out))
+    assert r.exit_code == 0 and "removed stale temporary file" in r.output
+    assert not stale.exists() and live.exists() and (out / "a.png").is_file()
+
+
+def test_temp_names_fit_a_long_file_name(tmp_path: Path) -> None:
+    dest = tmp_path / ("x" * 246 + ".png")  # 250 bytes: legal
+    with atomic_write_path(dest) as tmp:
+        assert len(tmp.name.encode()) <= 255
+        cv2.imwrite(str(tmp), np.zeros((2, 2), np.uint8))
+    assert dest.is_file() and not _temps(tmp_path)
+    dest2 = tmp_path / ("é" * 125 + ".png")  # multi-byte names are measured in bytes
+    with atomic_write_path(dest2) as tmp:
+        assert len(tmp.name.encode()) <= 255
+        tmp.write_bytes(b"x")
+    assert dest2.is_file()
+
+
+def test_sigterm_mid_batch_stops_cleanly(tmp_path: Path, model_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(60):
+        _png(src / f"{i:03d}.png", (96, 96), i)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "medsr.cli.infer", "--quiet", "--device", "cpu", "--model", str(model_path),
+           "--tile", "32", "--overlap", "8", str(src), "-o", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("*.png"))):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    written = sorted(out.glob("*.png"))
+    assert p.returncode == 130, err
+    assert "interrupted (signal 15)" in err and "Traceback" not in err
+    assert 0 < len(written) < 60 and not _temps(out)
+    for f in written:  # every output that exists is complete
+        assert cv2.imread(str(f), cv2.IMREAD_UNCHANGED).shape == (384, 384)
+    r = _sub(model_path, "--tile", "32", "--overlap", "8", str(src), "-o", str(out))  # a re-run finishes the job
+    assert r.returncode == 0 and f"{60 - len(written)} written, {len(written)} skipped" in r.stdout
+
+
+# ---------------------------------------------------------------- 4. output collisions
+
+
+def test_collisions_are_reported_not_dropped(tmp_path: Path, model_path: Path) -> None:
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+        _png(tmp_path / d / "a.png")
+    r = _cli("--model", str(model_path), str(tmp_path / "d1" / "a.png"), str(tmp_path / "d2" / "a.png"), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "2 failed" in r.output and "output collision" in r.output
+    assert not (tmp_path / "o" / "a.png").exists()
+    for top in ("x", "y"):
+        (tmp_path / top / "scans").mkdir(parents=True)
+        _png(tmp_path / top / "scans" / "s.png")
+    r = _cli("--model", str(model_path), str(tmp_path / "x" / "scans"), str(tmp_path / "y" / "scans"), "-o", str(tmp_path / "o2"))
+    assert r.exit_code == 1 and "output collision" in r.output and "0 written" in r.output
+    case = tmp_path / "case"
+    case.mkdir()
+    _png(case / "a.png")
+    _png(case / "a.PNG")
+    _png(case / "b.png")
+    r = _cli("--model", str(model_path), str(case), "-o", str(tmp_path / "o3"), "--overwrite")
+    assert r.exit_code == 1 and "1 written" in r.output and "2 failed" in r.output
+
+
+# ---------------------------------------------------------------- 5./6. output inside the input, symlinks
+
+
+def test_output_tree_inside_the_input_is_not_walked(tmp_path: Path, model_path: Path) -> None:
+    d = tmp_path / "scans"
+    d.mkdir()
+    _png(d / "a.png")
+    for _ in range(2):
+        r = _cli("--model", str(model_path), str(d), "-o", str(d / "out"))
+        assert r.exit_code == 0, r.output
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*.png")) == ["a.png", "out/a.png"]
+    assert "0 written, 1 skipped" in r.output
+
+
+def test_symlinks_followed_loops_walked_once_dangling_reported(tmp_path: Path, model_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    _png(real / "r.png")
+    d = tmp_path / "d"
+    d.mkdir()
+    _png(d / "a.png")
+    (d / "linked").symlink_to(real, target_is_directory=True)
+    (d / "loop").symlink_to(d, target_is_directory=True)
+    (d / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    r = _cli("--model", str(model_path), str(d), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1
+    assert (tmp_path / "o" / "a.png").is_file() and (tmp_path / "o" / "linked" / "r.png").is_file()
+    assert "2 written" in r.output and "dangling symbolic link" in r.output and "already walked" in r.output
+
+
+# ---------------------------------------------------------------- 7. the API never clips silently
+
+
+def test_api_rejects_out_of_range_floats(model_path: Path) -> None:
+    up = Upscaler.from_pretrained(model_path, device="cpu", tile=16, overlap=4)
+    with pytest.raises(ValueError, match=r"\[0, 255\].*x / 255"):
+        up(np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        up(np.full((8, 8), np.nan, np.float32))
+    assert up(np.full((8, 8), 0.5, np.float32)).shape == (32, 32)
+
+
+# ---------------------------------------------------------------- 8. honest messages
+
+
+def _save(ds, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_problems_are_named(tmp_path: Path) -> None:
+    ds = make_cr()
+    ds.PixelData = ds.PixelData * 2
+    with pytest.raises(ImageReadError, match="pixel data is 1280 bytes, expected 640 for 20x16x1 at 16 bits: Rows/Columns"):
+        read_image(_save(ds, tmp_path / "double.dcm"))
+    full = _save(make_cr(), tmp_path / "full.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(full[: len(full) - 300])  # the pixel element runs past the end
+    with pytest.raises(ImageReadError) as ei:
+        read_image(tmp_path / "cut.dcm")
+    assert "truncated" in str(ei.value) and "no pixel data (not an image" not in str(ei.value)
+    native = _save(make_cr(), tmp_path / "native.dcm").read_bytes()
+    assert native.count(b"1.2.840.10008.1.2.1\x00") == 1  # claim RLE Lossless for native bytes
+    (tmp_path / "mismatch.dcm").write_bytes(native.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.5\x00"))
+    with pytest.raises(ImageReadError, match="corrupt, truncated or not in that transfer syntax"):
+        read_image(tmp_path / "mismatch.dcm")
+
+
+# ---------------------------------------------------------------- 9. valid inputs accepted
+
+
+def test_jpeg_with_trailer_and_1x1_tiff_are_read(tmp_path: Path) -> None:
+    ok, buf = cv2.imencode(".jpg", np.full((8, 8), 77, np.uint8))
+    (tmp_path / "t.jpg").write_bytes(buf.tobytes() + b"\x00" * 10000 + b"camera trailer")
+    assert read_image(tmp_path / "t.jpg").width == 8
+    (tmp_path / "cut.jpg").write_bytes(buf.tobytes()[:-40])
+    with pytest.raises(ImageReadError, match="truncated JPEG"):
+        read_image(tmp_path / "cut.jpg")
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "one.tif", np.array([[1234]], np.uint16))
+    img = read_image(tmp_path / "one.tif")
+    assert (img.height, img.width, img.channels) == (1, 1, 1) and int(img.pixels[0, 0]) == 1234
