@@ -24,15 +24,9 @@ import cv2
 import numpy as np
 
 from medsr.eval.baselines import imresize
+from medsr.eval.protocol import gaussian_blur
 
 DOWN_MODES = ("bicubic", "area", "bilinear")
-
-
-def _gaussian(img: np.ndarray, sigma: float) -> np.ndarray:
-    k = 2 * int(math.ceil(3.0 * sigma)) + 1
-    g = cv2.getGaussianKernel(k, sigma, cv2.CV_64F).astype(np.float32)
-    out = cv2.sepFilter2D(img, cv2.CV_32F, g, g, borderType=cv2.BORDER_REFLECT_101)
-    return out.reshape(img.shape)
 
 
 def _downscale(img: np.ndarray, scale: int, mode: str) -> np.ndarray:
@@ -63,7 +57,7 @@ def classical_degrade(gt: np.ndarray, scale: int, opts: dict[str, Any], rng: np.
         lo, hi = opts["blur_sigma"]
         sigma = float(rng.uniform(lo, hi))
         if sigma > 0:
-            lr = _gaussian(np.ascontiguousarray(lr), sigma)
+            lr = gaussian_blur(lr, sigma)
     lr = np.clip(lr, 0.0, 1.0)
     if rng.uniform() < float(opts["noise_prob"]):
         if rng.uniform() < float(opts["poisson_prob"]):
