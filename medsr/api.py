@@ -5,6 +5,7 @@
 >>> hr = up(lr_uint16)                                         # numpy in, numpy out, same dtype
 >>> up.upscale_file("in.dcm", "out/in.dcm")                   # format and bit depth kept
 >>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived Dataset
+>>> up.upscale_file("a.png", "out/a.png", progress=lambda done, total: print(done, "/", total))
 
 Thread safety: one Upscaler may be shared between threads; calls are serialised by a lock (one
 backend = one device queue). For parallel throughput use one Upscaler per thread/GPU.
@@ -24,10 +25,11 @@ from medsr.runtime.adapters import GrayViaRGB, PerChannel
 from medsr.runtime.backend import Backend
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
     from medsr.io import Image
     from medsr.runtime import TileConfig, TilePlan
 
-_INT_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 
 
 class Upscaler:
@@ -42,16 +44,20 @@ class Upscaler:
         backend: Backend,
         config: TileConfig | None = None,
         *,
-        model_id: str = "custom",
+        model_id: str | None = None,
         variants: dict[int, Backend] | None = None,
     ) -> None:
         from medsr.runtime import TileConfig
 
         self.backend = backend
         self.config = config or TileConfig()
-        self.model_id = model_id
+        self.model_id = model_id or backend.model_id
+        #: sha256 of the weights (or of the weights an engine was exported from); "" when unknown
+        self.weights_sha256 = backend.weights_sha256
         self._variants: dict[int, Backend] = {backend.channels: backend, **(variants or {})}
         self._lock = threading.Lock()
+        #: LR pixels upscaled so far by this Upscaler (all calls; for throughput figures)
+        self.lr_pixels = 0
 
     # construction ---------------------------------------------------------------------------
     @classmethod
@@ -61,6 +67,7 @@ class Upscaler:
         *,
         device: str = "auto",
         precision: str = "fp32",
+        config: TileConfig | None = None,
         tile: int | None = None,
         overlap: int | None = None,
         batch: int | None = None,
@@ -70,22 +77,25 @@ class Upscaler:
         """A registered model name or a weights file (.pth/.safetensors/ncnn .param), on PyTorch.
 
         ``None`` takes medsr's default, the shipped chest X-ray fidelity model (``medsr.weights.DEFAULT_MODEL``).
+        Tiling: ``config``, or ``tile``/``overlap``/``batch`` over the defaults (not both).
         """
         from medsr.arch import fold_to_gray
         from medsr.runtime import TorchBackend
         from medsr.weights import DEFAULT_MODEL, load_model
 
+        config = _config(config, tile, overlap, batch)  # ValueError before anything is loaded
         lm = load_model(DEFAULT_MODEL if name_or_path is None else name_or_path)
 
         def make(model: Any) -> Backend:
-            return TorchBackend(model, device=device, precision=precision, channels_last=channels_last, compile=compile)
+            b = TorchBackend(model, device=device, precision=precision, channels_last=channels_last, compile=compile)
+            b.model_id, b.weights_sha256 = lm.model_id, lm.sha256
+            return b
 
         backend = make(lm.model)
         variants: dict[int, Backend] = {}
         if lm.descriptor.in_channels == 3:
             variants[1] = make(fold_to_gray(lm.model))
-        config = _config(backend, tile, overlap, batch)
-        return cls(backend, config, model_id=lm.model_id, variants=variants)
+        return cls(backend, config, variants=variants)
 
     @classmethod
     def from_engine(
@@ -93,23 +103,34 @@ class Upscaler:
         path: str | os.PathLike[str],
         *,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str | None = None,
+        runtime: str = "auto",
+        config: TileConfig | None = None,
         tile: int | None = None,
         overlap: int | None = None,
         batch: int | None = None,
         compile: bool = False,
     ) -> Upscaler:
-        """A built engine or model file: .plan/.engine (TensorRT), .onnx (ONNX Runtime), or weights."""
-        p = Path(path)
-        if p.suffix.lower() in {".pth", ".pt", ".safetensors", ".param"}:
-            return cls.from_pretrained(
-                p, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch, compile=compile
-            )
+        """A built engine or model file: .plan/.engine (TensorRT), .onnx (ONNX Runtime, or OpenVINO with
+        ``runtime="openvino"``), .xml (OpenVINO IR), or weights (PyTorch).
+
+        ``precision`` None = the file's own; another one is honoured (a sibling file, an OpenVINO hint) or
+        refused with a BackendError, never ignored.
+        """
+        from medsr.runtime.contract import engine_kind
         from medsr.runtime.engines import open_backend
 
-        backend = open_backend(p, device=device, precision=precision)
-        model_id = getattr(backend, "model_id", None) or p.stem
-        return cls(backend, _config(backend, tile, overlap, batch), model_id=model_id)
+        p = Path(path)
+        if engine_kind(p) == "weights" and runtime in ("auto", "torch"):
+            return cls.from_pretrained(
+                p, device=device, precision=precision or "fp32", config=config, tile=tile, overlap=overlap,
+                batch=batch, compile=compile,
+            )
+        config = _config(config, tile, overlap, batch)
+        if compile:
+            raise ValueError("compile applies to PyTorch models, not to ONNX, OpenVINO or TensorRT engines")
+        backend = open_backend(p, device=device, precision=precision, runtime=runtime)
+        return cls(backend, config, model_id=backend.model_id if backend.model_id != "custom" else p.stem)
 
     # properties ------------------------------------------------------------------------------
     @property
@@ -130,49 +151,53 @@ class Upscaler:
         """The tile plan an ``height x width`` image will run with (tile count, shapes, overhead)."""
         from medsr.runtime import plan_tiles
 
-        return plan_tiles(height, width, self.config, self.backend_for(channels).tile_limits())
+        b = self.backend_for(channels)
+        return plan_tiles(height, width, self.config, b.tile_limits(), b.preferred_batch)
 
     # numpy -----------------------------------------------------------------------------------
-    def __call__(self, array: np.ndarray, *, on_tiles: Any = None) -> np.ndarray:
+    def __call__(self, array: np.ndarray, *, progress: Callable[[int, int], object] | None = None) -> np.ndarray:
         """Upscale a numpy image: uint8/uint16 (full range) or float in [0, 1]; H x W or H x W x C.
 
         Returns the same dtype (float inputs give float32) and layout, ``scale`` times larger.
         """
+        from medsr.pixels import array_to_unit
         from medsr.runtime import upscale_array
 
         arr = np.asarray(array)
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3)):
             raise ValueError(f"expected an H x W or H x W x C (C = 1 or 3) image, got shape {arr.shape}")
-        if arr.dtype in _INT_MAX:
-            peak = _INT_MAX[arr.dtype]
-            x = arr.astype(np.float32) / peak
-            out_dtype = arr.dtype
-
-            def convert(strip: np.ndarray) -> np.ndarray:
-                return np.clip(np.rint(strip * peak), 0, peak).astype(out_dtype)
-        elif np.issubdtype(arr.dtype, np.floating):
-            x = arr.astype(np.float32, copy=False)
-            if not np.isfinite(x).all():
-                raise ValueError("float image holds NaN or Inf values; give finite values in [0, 1]")
-            lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-            if lo < 0.0 or hi > 1.0:
-                raise ValueError(
-                    f"float images must lie in [0, 1], got values in [{lo:g}, {hi:g}]: divide by the full scale "
-                    "(e.g. x / 255 or x / 65535), or pass the uint8/uint16 array itself"
-                )
-            out_dtype = np.dtype(np.float32)
-            convert = None
-        else:
-            raise ValueError(f"unsupported dtype {arr.dtype}: use uint8, uint16 or float in [0, 1]")
+        x = array_to_unit(arr)
+        out_dtype = arr.dtype if np.issubdtype(arr.dtype, np.integer) else np.dtype(np.float32)
         hwc = x if x.ndim == 3 else x[..., None]
         s = self.scale
         out = np.empty((hwc.shape[0] * s, hwc.shape[1] * s, hwc.shape[2]), dtype=out_dtype)
         with self._lock:
-            upscale_array(self.backend_for(hwc.shape[2]), hwc, self.config, out=out, convert=convert, on_tiles=on_tiles)
+            b = self.backend_for(hwc.shape[2])
+            upscale_array(b, hwc, self.config, out=out, on_tiles=self._counter(b, hwc.shape, progress))
+            self.lr_pixels += hwc.shape[0] * hwc.shape[1]
         return out if arr.ndim == 3 else out[..., 0]
 
+    def _counter(
+        self, backend: Backend, shape: tuple[int, ...], progress: Callable[[int, int], object] | None
+    ) -> Callable[[int], object] | None:
+        """Adapt ``progress(done, total)`` to the runtime's per-call ``on_tiles(n)``."""
+        if progress is None:
+            return None
+        from medsr.runtime import plan_tiles
+
+        total = plan_tiles(int(shape[0]), int(shape[1]), self.config, backend.tile_limits(), backend.preferred_batch).num_tiles
+        done = 0
+        progress(0, total)
+
+        def on_tiles(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
+        return on_tiles
+
     # medsr.io images ---------------------------------------------------------------------------
-    def upscale_image(self, img: Image, *, on_tiles: Any = None) -> Image:
+    def upscale_image(self, img: Image, *, progress: Callable[[int, int], object] | None = None) -> Image:
         """Upscale an :class:`medsr.io.Image`, keeping format, bit depth and photometric."""
         from medsr.io import float_to_stored, make_output, to_float
         from medsr.runtime import upscale_array
@@ -182,23 +207,23 @@ class Upscaler:
         shape = (img.height * s, img.width * s) + ((img.channels,) if img.pixels.ndim == 3 else ())
         out = np.empty(shape, dtype=img.pixels.dtype)
         with self._lock:
+            b = self.backend_for(x.shape[2])
             upscale_array(
-                self.backend_for(x.shape[2]),
-                x,
-                self.config,
-                out=out,
-                convert=lambda strip: float_to_stored(strip, img),
-                on_tiles=on_tiles,
+                b, x, self.config, out=out, convert=lambda strip: float_to_stored(strip, img),
+                on_tiles=self._counter(b, x.shape, progress),
             )
+            self.lr_pixels += img.height * img.width
         return make_output(img, out, s, self.model_id)
 
     def upscale_file(
-        self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, on_tiles: Any = None,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: Callable[[int, int], object] | None = None,
     ) -> Path:
         """Read ``src``, upscale, write ``dst`` atomically in the same format and bit depth.
 
-        Inputs above ``max_pixels`` LR pixels (from the header, before decoding) are refused.
+        Refuses (before any work): ``dst`` being ``src`` (ValueError), an existing ``dst`` unless ``overwrite``
+        (FileExistsError), inputs above ``max_pixels`` LR pixels read from the header (ImageTooLargeError).
+        ``progress(done, total)`` reports tiles.
         """
         from medsr.io import read_image, write_image
 
@@ -208,7 +233,8 @@ class Upscaler:
         if dst.exists() and not overwrite:
             raise FileExistsError(f"{dst}: output exists (pass overwrite=True to replace it)")
         img = read_image(src, max_pixels=max_pixels)
-        return write_image(self.upscale_image(img, on_tiles=on_tiles), dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return write_image(self.upscale_image(img, progress=progress), dst)
 
     def upscale_dicom(self, ds: Any) -> Any:
         """Upscale a pydicom Dataset; returns the derived Dataset (new UIDs, spacing / scale)."""
@@ -217,12 +243,15 @@ class Upscaler:
         return self.upscale_image(image_from_dataset(ds)).dataset
 
 
-def _config(backend: Backend, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:
+def _config(config: TileConfig | None, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:
+    """``config``, or the defaults with ``tile``/``overlap``/``batch`` replaced (batch None: the backend's)."""
     from medsr.runtime import TileConfig
 
+    if config is not None:
+        if (tile, overlap, batch) != (None, None, None):
+            raise ValueError("give config= or tile/overlap/batch, not both")
+        return config
     d = TileConfig()
     return TileConfig(
-        tile=tile if tile is not None else d.tile,
-        overlap=overlap if overlap is not None else d.overlap,
-        batch=batch if batch is not None else backend.preferred_batch,
+        tile=d.tile if tile is None else tile, overlap=d.overlap if overlap is None else overlap, batch=batch
     )

@@ -123,8 +123,19 @@ def test_upscale_dicom_returns_a_derived_dataset() -> None:
     assert [float(v) for v in out.PixelSpacing] == [0.05, 0.0375]  # 0.2 x 0.15 mm / 4
 
 
-def test_plan_reports_the_tiles_a_call_runs(rng: np.random.Generator) -> None:
+def test_plan_and_progress_report_the_tiles_a_call_runs(rng: np.random.Generator, tmp_path: Path) -> None:
     up = _upscaler(tile=16)
-    seen: list[int] = []
-    up((rng.random((40, 27)) * 255).astype(np.uint8), on_tiles=seen.append)
-    assert sum(seen) == up.plan(40, 27).num_tiles > 1
+    seen: list[tuple[int, int]] = []
+    up((rng.random((40, 27)) * 255).astype(np.uint8), progress=lambda d, t: seen.append((d, t)))
+    total = up.plan(40, 27).num_tiles
+    assert total > 1 and seen[0] == (0, total) and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # monotone
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), (rng.random((40, 27)) * 255).astype(np.uint8))
+    seen.clear()
+    up.upscale_file(tmp_path / "a.png", tmp_path / "o" / "a.png", progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (total, total) and (tmp_path / "o" / "a.png").is_file()
+    assert up.lr_pixels == 2 * 40 * 27
+    with pytest.raises(FileExistsError, match="output exists"):
+        up.upscale_file(tmp_path / "a.png", tmp_path / "o" / "a.png")

@@ -25,7 +25,8 @@ from medsr.export import (
 from medsr.export.fp16 import find_overflowing_modules, half_model, initializer_dtypes
 from medsr.export.parity import check_parity, run_onnx
 from medsr.export.recipes import BUILTIN, Recipe
-from medsr.export.tensorrt import (
+from medsr.runtime.backend import BackendError
+from medsr.runtime.contract import (
     check_sidecar,
     make_sidecar,
     profile_for_tiles,
@@ -33,7 +34,6 @@ from medsr.export.tensorrt import (
     sidecar_path,
     write_sidecar,
 )
-from medsr.runtime.backend import BackendError
 
 
 def _resize_attrs(path: Path) -> list[dict]:

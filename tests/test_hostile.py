@@ -26,8 +26,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medsr.api import Upscaler
 from medsr.cli.infer import main
+from medsr.fsutil import atomic_write_path, remove_stale_temps
 from medsr.io import ImageReadError, ImageTooLargeError, read_image
-from medsr.io.atomic import atomic_write_path, remove_stale_temps
 
 BIG = 20000
 
@@ -356,3 +356,53 @@ def test_jpeg_with_trailer_and_1x1_tiff_are_read(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "one.tif", np.array([[1234]], np.uint16))
     img = read_image(tmp_path / "one.tif")
     assert (img.height, img.width, img.channels) == (1, 1, 1) and int(img.pixels[0, 0]) == 1234
+
+
+def _can_mount_tmpfs() -> str | None:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return "unshare not installed"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return None if r.returncode == 0 else f"cannot mount a tmpfs in a mount namespace ({r.stderr.decode().strip()})"
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "dicom", "png"])
+def test_full_disk_is_named_for_every_format(tmp_path: Path, model_path: Path, fmt: str) -> None:
+    why = _can_mount_tmpfs()
+    if why:
+        pytest.skip(why)
+    if fmt == "dicom":
+        ds = make_cr(h=128, w=128)
+        src = _save(ds, tmp_path / "in.dcm")
+    elif fmt == "tiff":
+        import tifffile
+
+        src = tmp_path / "in.tif"
+        tifffile.imwrite(src, np.random.default_rng(0).integers(0, 65535, (128, 128), dtype=np.uint16))
+    else:
+        src = tmp_path / "in.png"
+        cv2.imwrite(str(src), np.random.default_rng(0).integers(0, 65535, (128, 128), dtype=np.uint16))
+    out = tmp_path / "full"
+    out.mkdir()
+    # a 64 KiB file system, private to this command: the 512x512 16-bit output cannot fit
+    infer = [sys.executable, "-m", "medsr.cli.infer", "--quiet", "--device", "cpu", "--model", str(model_path),
+             "--tile", "64", "--overlap", "8", str(src), "-o", str(out)]
+    script = f'mount -t tmpfs -o size=64k tmpfs "{out}" && exec "$@"'
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *infer], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    assert "(OSError)" not in r.stderr and "requested and" not in r.stderr
+
+
+def test_nan_weights_are_refused_at_load(tmp_path: Path) -> None:
+    from medsr.weights import WeightsError, load_model
+
+    sd = tiny_rrdb(4, 1).state_dict()
+    sd["conv_first.weight"][0, 0, 0, 0] = float("nan")
+    p = tmp_path / "broken.pth"
+    torch.save({"params_ema": sd}, p)
+    with pytest.raises(WeightsError, match=r"broken\.pth: the weights are broken: 1 tensor\(s\) hold NaN/Inf \(first: conv_first\.weight\)"):
+        load_model(str(p))
+    r = _cli("--model", str(p), str(_png(tmp_path / "a.png")), "-o", str(tmp_path / "o"))
+    assert r.exit_code != 0 and "the weights are broken" in r.output and "Traceback" not in r.output

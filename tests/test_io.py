@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medsr.fsutil import atomic_write_path
 from medsr.io import (
     SUPPORTED_SUFFIXES,
     Image,
     ImageReadError,
     ImageWriteError,
-    atomic_write_path,
     float_to_stored,
     is_supported,
     make_output,

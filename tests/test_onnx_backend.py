@@ -88,12 +88,29 @@ def test_open_backend_weights_gives_torch(tmp_path: Path) -> None:
 
 def test_choose_providers() -> None:
     allp = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers(allp, torch.device("cuda")) == allp
+    # auto: the device's own EP (+ CPU for nodes it lacks); TensorRT only when asked for
+    assert choose_providers(allp, torch.device("cuda")) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(allp, torch.device("cpu")) == ["CPUExecutionProvider"]
+    assert choose_providers(allp, torch.device("cuda"), "tensorrt")[0] == "TensorrtExecutionProvider"
+    with pytest.raises(BackendError, match="no CUDAExecutionProvider here"):  # never a silent CPU run
+        choose_providers(["CPUExecutionProvider"], torch.device("cuda"))
     assert choose_providers(allp, torch.device("cuda"), "cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda"))[0] == "CUDAExecutionProvider"
     with pytest.raises(BackendError, match="onnxruntime-gpu"):
         choose_providers(["CPUExecutionProvider"], torch.device("cuda"), ["tensorrt"])
+
+
+def test_a_provider_that_did_not_load_is_an_error(x2_gray: tuple[torch.nn.Module, Path]) -> None:
+    from medsr.runtime.onnx_backend import check_active_providers
+
+    _, path = x2_gray
+    b = OnnxRuntimeBackend(path, device="cpu")
+    assert b.active_providers == ["CPUExecutionProvider"]  # read back from the session
+    # onnxruntime-gpu whose CUDA libraries failed to load: ORT runs on CPU without raising
+    with pytest.raises(BackendError, match="asked for CUDAExecutionProvider but runs on .'CPUExecutionProvider'."):
+        check_active_providers(path, ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"])
+    check_active_providers(path, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                           ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
 def test_tensorrt_provider_gets_one_explicit_profile(x2_gray: tuple[torch.nn.Module, Path]) -> None:

@@ -368,6 +368,9 @@ def test_nan_without_fallback_raises(rng):
     img[0, 0, 0] = 0.0
     with pytest.raises(NonFiniteOutputError, match="NaN/Inf.*precision='fp32'"):
         upscale_array(NaNBackend(), img, TileConfig(16, 4))
+    with pytest.raises(NonFiniteOutputError, match="full precision.*the weights are broken") as ei:
+        upscale_array(NaNBackend(precision="fp32"), img, TileConfig(16, 4))
+    assert "precision='fp32'" not in str(ei.value)  # no advice to run what already ran
     bad_fb = NaNBackend(precision="fp32")
     with pytest.raises(NonFiniteOutputError, match="even on the fallback"):
         upscale_array(NaNBackend(fallback=bad_fb), img, TileConfig(16, 4))

@@ -64,14 +64,15 @@ def get_path(name: str) -> PathSpec:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a CUDA device is usable, else ``cpu``."""
-    import torch
+    """The runtime's device rule (:func:`medsr.runtime.backend.resolve_device`) as a device type; a missing
+    GPU skips the path."""
+    from medsr.runtime.backend import BackendError
+    from medsr.runtime.backend import resolve_device as _resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PathSkipped("no CUDA device (torch.cuda.is_available() is False)")
-    return device.split(":")[0]
+    try:
+        return _resolve(device).type
+    except BackendError as e:
+        raise PathSkipped(str(e)) from None
 
 
 def _has_module(name: str) -> bool:

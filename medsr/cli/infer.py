@@ -125,12 +125,14 @@ def _drop_collisions(w: Walk) -> None:
     w.jobs = [j for j in w.jobs if id(j) not in clash]
 
 
-def _load_upscaler(engine: str | None, model: str | None, **kw: object):
+def _load_upscaler(engine: str | None, model: str | None, runtime: str, precision: str | None, **kw: object):
     from medsr.api import Upscaler
 
-    if engine:
-        return Upscaler.from_engine(engine, **kw)  # type: ignore[arg-type]
-    return Upscaler.from_pretrained(model, **kw)  # type: ignore[arg-type]
+    if engine or runtime not in ("auto", "torch"):
+        from medsr.weights import DEFAULT_MODEL
+
+        return Upscaler.from_engine(engine or model or DEFAULT_MODEL, runtime=runtime, precision=precision, **kw)  # type: ignore[arg-type]
+    return Upscaler.from_pretrained(model, precision=precision or "fp32", **kw)  # type: ignore[arg-type]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,7 +147,11 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
 @click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
+              help="fp32 (IEEE, also on CUDA), tf32 (CUDA), fp16 (CUDA), bf16. Default: fp32 for weights, the "
+                   "file's own for .onnx/.plan; another one is honoured or refused, never ignored.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True, help="Inference engine; auto: from the file type (weights -> PyTorch).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (PyTorch only; slow first tile).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
@@ -153,8 +159,8 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
                    "[default: 50000000].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
-         overlap: int | None, batch: int | None, device: str, precision: str, compile_: bool, overwrite: bool,
-         max_pixels: int | None, quiet: bool) -> None:
+         overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
+         overwrite: bool, max_pixels: int | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -164,29 +170,31 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
 
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
-    if compile_ and engine and Path(engine).suffix.lower() in {".onnx", ".plan", ".engine"}:
-        raise click.UsageError("--compile applies to PyTorch models, not to ONNX or TensorRT engines")
-    from medsr.io import DEFAULT_MAX_PIXELS
-    from medsr.io.atomic import remove_stale_temps
+    from medsr.runtime.contract import engine_kind
 
+    if compile_ and ((engine and engine_kind(engine) != "weights") or runtime not in ("auto", "torch")):
+        raise click.UsageError("--compile applies to PyTorch models, not to ONNX, OpenVINO or TensorRT engines")
+    from medsr.fsutil import remove_stale_temps
+    from medsr.io import DEFAULT_MAX_PIXELS
+    from medsr.runtime import TileConfig, plan_tiles
+
+    d = TileConfig()
+    try:  # the one TileConfig of the run, checked before the model loads
+        config = TileConfig(tile=d.tile if tile is None else tile, overlap=d.overlap if overlap is None else overlap,
+                            batch=batch)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     walk = collect_jobs(list(inputs), outdir)
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
-    from medsr.runtime import TileConfig, plan_tiles
-
-    defaults = TileConfig()
-    try:
-        TileConfig(tile=tile or defaults.tile, overlap=defaults.overlap if overlap is None else overlap, batch=batch or 1)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
     try:
         kw: dict[str, object] = {"compile": True} if compile_ else {}
-        up = _load_upscaler(engine, model, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch, **kw)
+        up = _load_upscaler(engine, model, runtime, precision, device=device, config=config, **kw)
     except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
         click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
         sys.exit(2)
     try:  # tile/overlap against the model's size multiple and the engine's profile
-        plan_tiles(up.config.tile, up.config.tile, up.config, up.backend.tile_limits())
+        plan_tiles(config.tile, config.tile, config, up.backend.tile_limits())
     except ValueError as e:
         raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
 
@@ -206,16 +214,11 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         if job.dst.resolve() in input_files:
             summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
             continue
-        if job.dst.exists() and not overwrite:
+        try:
+            up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar))
+        except FileExistsError:
             summary.skipped += 1
             continue
-        try:
-            from medsr.io import read_image, write_image
-
-            img = read_image(job.src, max_pixels=limit)
-            tiles_bar.reset(total=up.plan(img.height, img.width, img.channels).num_tiles)
-            job.dst.parent.mkdir(parents=True, exist_ok=True)
-            write_image(up.upscale_image(img, on_tiles=tiles_bar.update), job.dst)
         except KeyboardInterrupt as e:
             interrupted = f"interrupted ({e or 'SIGINT'}) while writing {job.dst}: that file was not written"
             break
@@ -227,7 +230,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             tqdm.write(f"FAILED {msg}", file=sys.stderr)
             continue
         summary.written += 1
-        summary.megapixels += img.height * img.width / 1e6
+    summary.megapixels = up.lr_pixels / 1e6
     tiles_bar.close()
     files_bar.close()
     dt = time.perf_counter() - t0
@@ -244,6 +247,17 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         click.echo(f"medsr-infer: {interrupted}; re-run to continue (existing outputs are skipped)", err=True)
         sys.exit(130)
     sys.exit(1 if summary.failed else 0)
+
+
+def _bar_progress(bar):  # type: ignore[no-untyped-def]
+    def progress(done: int, total: int) -> None:
+        if done == 0:
+            bar.reset(total=total)
+        else:
+            bar.n = done
+            bar.refresh()
+
+    return progress
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

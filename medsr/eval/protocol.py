@@ -24,10 +24,10 @@ import numpy as np
 
 from medsr.eval.baselines import BASELINES, SRFunction, cv2_resize, imresize, make_baseline
 from medsr.eval.metrics import psnr, ssim
+from medsr.io.image import SUPPORTED_SUFFIXES
 
 #: Default Gaussian sigma (LR pixels) applied after bicubic downsampling; see docs/evaluation.md.
 DEFAULT_SIGMA = 1.0
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,7 @@ def list_images(data_dir: str | Path, limit: int | None = None) -> list[Path]:
     d = Path(data_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"not a directory: {d}")
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
     return files[:limit] if limit else files
 
 

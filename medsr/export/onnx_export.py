@@ -11,8 +11,6 @@ pass the same checks (checker, Resize attributes, parity).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,13 +23,27 @@ from torch import nn
 from medsr.arch.descriptor import ModelDescriptor
 from medsr.export.fp16 import IOWrapper, find_overflowing_modules, half_model
 from medsr.export.parity import ParityReport, check_parity, default_inputs
+from medsr.fsutil import sha256_file
 from medsr.runtime.backend import BackendError
+from medsr.runtime.contract import (
+    INPUT_NAME,
+    META_PREFIX,
+    OUTPUT_NAME,
+    descriptor_from_metadata,
+    fp16_path_for,
+    fp32_path_for,
+    load_onnx_proto,
+    onnx_metadata,
+    read_onnx_metadata,
+)
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-META_PREFIX = "medsr."
+
+__all__ = [  # the contract names are re-exported for callers of medsr.export
+    "INPUT_NAME", "OUTPUT_NAME", "OnnxExport", "check_onnx", "descriptor_from_metadata", "export_onnx",
+    "fp16_path_for", "fp32_path_for", "read_onnx_metadata", "sha256_file",
+]
 
 
 @dataclass
@@ -45,28 +57,6 @@ class OnnxExport:
     seconds: float
     parity: ParityReport | None = None
     kept_fp32: list[str] = field(default_factory=list)
-
-
-def fp16_path_for(fp32_path: str | Path) -> Path:
-    """Name convention: ``cxr_x4.onnx`` (fp32) <-> ``cxr_x4.fp16.onnx`` (fp16)."""
-    p = Path(fp32_path)
-    return p.with_name(p.name[: -len(".onnx")] + ".fp16.onnx") if p.name.endswith(".onnx") else p.with_suffix(".fp16.onnx")
-
-
-def fp32_path_for(fp16_path: str | Path) -> Path | None:
-    """The fp32 sibling of ``x.fp16.onnx`` (``x.onnx``); None if the name does not follow the convention."""
-    p = Path(fp16_path)
-    if not p.name.endswith(".fp16.onnx"):
-        return None
-    return p.with_name(p.name[: -len(".fp16.onnx")] + ".onnx")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _descriptor_of(model: nn.Module) -> ModelDescriptor:
@@ -115,7 +105,7 @@ def export_onnx(
     wrapper = IOWrapper(net, half=precision == "fp16").eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from medsr.io import atomic_write_path
+    from medsr.fsutil import atomic_write_path
 
     # export, check and parity-test a temporary file; only a model that passed lands under ``path``
     with atomic_write_path(path) as tmp:
@@ -146,21 +136,10 @@ def export_onnx(
                 )
             else:
                 raise ValueError(f"exporter must be torchscript or dynamo, not {exporter!r}")
-        meta = {
-            "model_id": model_id,
-            "scale": str(desc.scale),
-            "in_channels": str(desc.in_channels),
-            "out_channels": str(desc.out_channels),
-            "size_multiple": str(desc.size_multiple),
-            "precision": precision,
-            "io_dtype": "float32",
-            "weights_sha256": weights_sha256,
-            "descriptor": json.dumps(desc.to_dict(), sort_keys=True),
-            "exporter": exporter,
-            "opset": str(opset),
-            "kept_fp32": ",".join(kept),
-            "torch_version": torch.__version__,
-        }
+        meta = onnx_metadata(
+            desc, model_id=model_id, precision=precision, weights_sha256=weights_sha256, exporter=exporter,
+            opset=str(opset), kept_fp32=",".join(kept), torch_version=torch.__version__,
+        )
         _write_metadata(tmp, meta)
         check_onnx(tmp)
         report = None
@@ -183,38 +162,11 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``medsr.*`` metadata of an exported model, prefix stripped. BackendError if unreadable."""
-    proto = _load(path)
-    return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
-
-
-def descriptor_from_metadata(meta: dict[str, str], path: str | Path) -> ModelDescriptor:
-    if "descriptor" not in meta:
-        raise BackendError(
-            f"{path}: no medsr metadata (model id, scale, channels): export it with medsr-export "
-            "or medsr.export.export_onnx"
-        )
-    return ModelDescriptor.from_dict(json.loads(meta["descriptor"]))
-
-
-def _load(path: str | Path) -> Any:
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise BackendError(f"{p}: ONNX file not found")
-    try:
-        return onnx.load(str(p))
-    except Exception as e:  # protobuf DecodeError and friends
-        raise BackendError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e}); re-export it with medsr-export") from e
-
-
 def check_onnx(path: str | Path) -> Any:
     """onnx.checker (full check) + our graph rules: opset, dynamic N/H/W, Resize nearest/asymmetric/floor."""
     import onnx
 
-    proto = _load(path)
+    proto = load_onnx_proto(path)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:

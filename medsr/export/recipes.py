@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medsr.runtime.contract import DEFAULT_BATCH, DEFAULT_MAX_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE
+
 DEFAULT_RECIPE = "cxr_x4"
 
-# What each recipe sets beyond the Recipe defaults (tile 256, overlap 16, batch 4, max_batch 8,
+# What each recipe sets beyond the Recipe defaults (the runtime's tile/overlap/batch defaults, max_batch,
 # opset 18, fp16). The export/*.toml files spell every field out; a test asserts both resolve alike.
 BUILTIN: dict[str, dict[str, Any]] = {
     "cxr_x4": {
@@ -48,10 +50,10 @@ class Recipe:
     model: str
     channels: int
     scale: int
-    tile: int = 256
-    overlap: int = 16
-    batch: int = 4
-    max_batch: int = 8
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    batch: int = DEFAULT_BATCH
+    max_batch: int = DEFAULT_MAX_BATCH
     opset: int = 18
     fp16: bool = True
     output: str = ""

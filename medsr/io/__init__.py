@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medsr.io.atomic import atomic_write_path
 from medsr.io.image import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_SUFFIXES,
@@ -43,7 +42,6 @@ __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
     "ImageWriteError",
-    "atomic_write_path",
     "derive_dicom",
     "float_to_stored",
     "is_supported",

@@ -263,15 +263,12 @@ def to_float(img: Image) -> np.ndarray:
     ``(v + offset) / max_value`` with offset 2**(BitsStored-1) for signed DICOM; MONOCHROME1 is
     inverted (``1 - x``) so that the model always sees MONOCHROME2 polarity.
     """
+    from medsr.pixels import to_unit
+
     a = img.pixels
     if a.ndim == 2:
         a = a[:, :, None]
-    x = a.astype(np.float32)
-    off = _offset(img)
-    if off:
-        x += np.float32(off)
-    x *= np.float32(1.0 / img.max_value)
-    np.clip(x, 0.0, 1.0, out=x)
+    x = to_unit(a, img.max_value, _offset(img))
     if img.photometric == "MONOCHROME1":
         np.subtract(np.float32(1.0), x, out=x)
     return x
@@ -284,20 +281,15 @@ def float_to_stored(strip: np.ndarray, like: Image) -> np.ndarray:
     Works row-strip by row-strip (no whole-image statistics). Returns h x W for one channel,
     h x W x C otherwise.
     """
+    from medsr.pixels import from_unit
+
     x = np.asarray(strip, dtype=np.float32)
     if x.ndim == 3 and x.shape[2] == 1:
         x = x[:, :, 0]
-    x = np.clip(x, 0.0, 1.0)
     if like.photometric == "MONOCHROME1":
-        np.subtract(np.float32(1.0), x, out=x)
-    x *= np.float32(like.max_value)
-    np.rint(x, out=x)
-    off = _offset(like)
-    if off:
-        x -= np.float32(off)
+        x = np.float32(1.0) - np.clip(x, 0.0, 1.0)
     lo, hi = like.value_range
-    np.clip(x, lo, hi, out=x)
-    return x.astype(like.dtype)
+    return from_unit(x, like.dtype, like.max_value, _offset(like), lo, hi)
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -346,7 +338,7 @@ def write_image(img: Image, path: str | os.PathLike[str]) -> Path:
     Raises :class:`ImageWriteError`; on failure no partial file remains and an existing destination
     is left untouched.
     """
-    from medsr.io.atomic import atomic_write_path
+    from medsr.fsutil import atomic_write_path, os_error_reason
 
     dest = Path(path)
     if img.format not in DEFAULT_SUFFIX:
@@ -370,7 +362,7 @@ def write_image(img: Image, path: str | os.PathLike[str]) -> Path:
     except ImageWriteError as e:
         raise ImageWriteError(f"{dest}: {e}") from None
     except OSError as e:
-        raise ImageWriteError(f"{dest}: cannot write ({e.strerror or type(e).__name__})") from None
+        raise ImageWriteError(f"{dest}: cannot write ({os_error_reason(e, dest.parent)})") from None
     except Exception as e:  # encoder errors; DICOM messages could quote attribute values: type only
         detail = type(e).__name__ if img.format == "dicom" else f"{type(e).__name__}: {e}"
         raise ImageWriteError(f"{dest}: cannot encode {img.format} ({detail})") from None

@@ -1,4 +1,4 @@
-"""The one small interface every inference backend implements (PyTorch, ONNX Runtime, TensorRT)."""
+"""The one small interface every inference backend implements (PyTorch, ONNX Runtime, OpenVINO, TensorRT)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     preferred_batch: int = 1
+    #: what produced the weights: the registry name / stored id, and the weights file's sha256 ("" if unknown)
+    model_id: str = "custom"
+    weights_sha256: str = ""
 
     @property
     def scale(self) -> int:

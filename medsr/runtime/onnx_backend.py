@@ -1,9 +1,15 @@
-"""ONNX Runtime backend: TensorRT EP > CUDA EP > CPU EP (by availability, or by the ``providers`` flag).
+"""ONNX Runtime backend: the CUDA EP on a CUDA device, the CPU EP on CPU; the TensorRT EP only when asked
+(``providers="tensorrt"``).
 
-Outputs follow TorchBackend: float32 clamped to [0, 1], NaN/Inf (fp16 overflow) returned as NaN so the
-tiled runtime detects them and re-runs the tile on ``fallback()``. On CPU the batch goes through numpy; on CUDA it uses IO binding on torch tensors (no host round trip).
-Precision is what the graph carries (``medsr.precision`` metadata); an fp16 model's ``fallback()`` is
-the fp32 model beside it (``x.fp16.onnx`` -> ``x.onnx``), if present.
+The providers ONNX Runtime really uses are read back from ``session.get_providers()``: when the asked
+device's provider is not among them (e.g. onnxruntime-gpu installed but its CUDA libraries missing, where ORT
+silently falls back to CPU), opening fails with a BackendError instead of running on another device.
+
+Outputs follow the contract (``medsr.runtime.contract.finish_output``). On CPU the batch goes through numpy
+with the memory arena off (per-shape arenas grew RSS to GBs); on CUDA it uses IO binding on torch tensors
+(no host round trip) and the HEURISTIC cuDNN algorithm search, so fitted tile shapes do not re-benchmark
+every convolution. Precision is what the graph carries (``medsr.precision`` metadata); an fp16 model's
+``fallback()`` is the fp32 model beside it (``x.fp16.onnx`` -> ``x.onnx``), if present.
 """
 
 from __future__ import annotations
@@ -15,6 +21,15 @@ import numpy as np
 import torch
 
 from medsr.runtime.backend import Backend, BackendError, TileLimits, resolve_device
+from medsr.runtime.contract import (
+    DEFAULT_BATCH,
+    INPUT_NAME,
+    descriptor_from_metadata,
+    finish_output,
+    fp32_path_for,
+    metadata_from_map,
+    profile_for_tiles,
+)
 
 _SHORT = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -22,16 +37,22 @@ _SHORT = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_DEVICE_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
 def choose_providers(
     available: Sequence[str], device: torch.device, providers: str | Sequence[str] | None = None
 ) -> list[str]:
-    """Providers to use, best first. ``providers``: None/"auto", or names (short: tensorrt, cuda, cpu)."""
+    """Providers to use, best first. ``providers``: None/"auto" (the device's own EP: CUDA or CPU), or
+    names (short: tensorrt, cuda, cpu)."""
     if providers is None or providers == "auto":
-        wanted = list(_ORDER) if device.type == "cuda" else ["CPUExecutionProvider"]
-        chosen = [p for p in wanted if p in available]
+        want = _DEVICE_PROVIDER[device.type]
+        if want not in available:
+            raise BackendError(
+                f"ONNX Runtime has no {want} here (available: {list(available)}): install onnxruntime-gpu "
+                "for CUDA (pip install 'medsr[gpu]'), or use device='cpu'"
+            )
+        chosen = [want]
     else:
         names = [providers] if isinstance(providers, str) else list(providers)
         chosen = [_SHORT.get(p.lower(), p) for p in names]
@@ -48,10 +69,14 @@ def choose_providers(
     return chosen
 
 
-def finish_output(y: torch.Tensor) -> torch.Tensor:
-    """Same output convention as TorchBackend: clamped to [0, 1], NaN/Inf returned as NaN for the runtime's check."""
-    nan = float("nan")
-    return torch.nan_to_num(y, nan=nan, posinf=nan, neginf=nan).clamp_(0.0, 1.0)
+def check_active_providers(path: Path, asked: list[str], active: list[str]) -> None:
+    """BackendError when the first asked provider is not among those ONNX Runtime actually uses."""
+    if asked and asked[0] not in active:
+        raise BackendError(
+            f"{path}: ONNX Runtime was asked for {asked[0]} but runs on {active} (its libraries are missing or "
+            "failed to load: for CUDA install onnxruntime-gpu with a matching CUDA/cuDNN, see docs/install.md); "
+            "refusing to run on another device than asked"
+        )
 
 
 class OnnxRuntimeBackend(Backend):
@@ -64,57 +89,71 @@ class OnnxRuntimeBackend(Backend):
         device: str | torch.device | None = "auto",
         providers: str | Sequence[str] | None = None,
         expect_scale: int | None = None,
-        batch: int = 4,
+        batch: int = DEFAULT_BATCH,
         threads: int | None = None,
     ) -> None:
-        from medsr.export.onnx_export import descriptor_from_metadata, read_onnx_metadata
-
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise BackendError(f"{path}: onnxruntime is not installed (pip install 'medsr[export]')") from e
         self.path = Path(path)
-        meta = read_onnx_metadata(self.path)  # BackendError on a missing/corrupt file
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: ONNX file not found")
+        auto = device is None or str(device) == "auto"
+        self.device = resolve_device(device)
+        available = ort.get_available_providers()
+        if auto and self.device.type == "cuda" and "CUDAExecutionProvider" not in available and providers in (None, "auto"):
+            self.device = torch.device("cpu")  # "auto": the best device ONNX Runtime has here (CPU-only wheel)
+        self._providers_arg = providers
+        self.providers = choose_providers(available, self.device, providers)
+        self.preferred_batch = batch
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        if self.device.type == "cpu":
+            so.enable_cpu_mem_arena = False  # the arena keeps a block per tile shape: GBs of RSS on CPU
+        prov_opts: list[dict[str, str]] = []
+        self._limits = TileLimits()
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])  # metadata
+            meta = metadata_from_map(dict(self.session.get_modelmeta().custom_metadata_map))
+        except Exception as e:
+            raise BackendError(
+                f"{self.path}: not a readable ONNX model ({type(e).__name__}: {e}); re-export it with medsr-export"
+            ) from e
         self.metadata = meta
         self.descriptor = descriptor_from_metadata(meta, self.path)
         self.model_id = meta.get("model_id", self.path.stem)
+        self.weights_sha256 = meta.get("weights_sha256", "")
         self.precision = meta.get("precision", "fp32")
         if expect_scale is not None and int(expect_scale) != self.descriptor.scale:
             raise BackendError(
                 f"{self.path}: model is x{self.descriptor.scale} ({self.model_id}) but x{expect_scale} was requested; "
                 f"export an x{expect_scale} model with medsr-export"
             )
-        self.device = resolve_device(device)
-        self._providers_arg = providers
-        self.providers = choose_providers(ort.get_available_providers(), self.device, providers)
-        if self.device.type == "cuda" and self.providers == ["CPUExecutionProvider"]:
-            self.device = torch.device("cpu")
-        self.preferred_batch = batch
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        prov_opts: list[dict[str, str]] = []
         self._limits = TileLimits(multiple=self.descriptor.size_multiple)
         for p in self.providers:
             if p == "TensorrtExecutionProvider":
                 prov_opts.append(self._trt_options())
             elif p == "CUDAExecutionProvider":
-                prov_opts.append({"device_id": str(self.device.index or 0)})
+                prov_opts.append({"device_id": str(self.device.index or 0), "cudnn_conv_algo_search": "HEURISTIC"})
             else:
                 prov_opts.append({})
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=self.providers, provider_options=prov_opts)
-        except Exception as e:
-            raise BackendError(f"{self.path}: ONNX Runtime cannot load the model: {e}") from e
+        if self.providers != ["CPUExecutionProvider"]:
+            try:
+                self.session = ort.InferenceSession(
+                    str(self.path), so, providers=self.providers, provider_options=prov_opts
+                )
+            except Exception as e:
+                raise BackendError(f"{self.path}: ONNX Runtime cannot load the model: {e}") from e
+        self.active_providers = list(self.session.get_providers())
+        check_active_providers(self.path, self.providers, self.active_providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
     def _trt_options(self) -> dict[str, str]:
         """TensorRT EP: one explicit profile (as medsr-export builds) so fitted tile shapes reuse one engine
         instead of triggering a rebuild per new shape; the runtime keeps its tiles inside it."""
-        from medsr.export.onnx_export import INPUT_NAME
-        from medsr.export.tensorrt import profile_for_tiles
-
         prof = profile_for_tiles(self.descriptor, batch=self.preferred_batch, max_batch=2 * self.preferred_batch)
         self._limits = prof.tile_limits(self.descriptor.size_multiple)
 
@@ -164,8 +203,6 @@ class OnnxRuntimeBackend(Backend):
     def fallback(self) -> Backend | None:
         if self.precision != "fp16":
             return None
-        from medsr.export.onnx_export import fp32_path_for
-
         sibling = fp32_path_for(self.path)
         if sibling is None or not sibling.is_file():
             return None

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medsr.runtime.backend import Backend, BackendError, NonFiniteOutputError, TileLimits
+from medsr.runtime.contract import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE, default_halo
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +38,32 @@ OnTiles = Callable[[int], object]
 class TileConfig:
     """How to tile an LR image. All sizes are LR pixels.
 
-    ``tile``: tile edge including the overlap (256: large enough that the blend overhead is small,
-    ~13 % extra pixels with overlap 16, small enough for a 4x RRDB tile batch on an 8 GB GPU).
-    ``overlap``: pixels shared by neighbouring tiles. ``halo``: pixels dropped at each interior tile
-    edge before blending (default ``overlap // 4``); the remaining ``overlap - 2*halo`` is feathered.
-    ``batch``: tiles per backend call.
+    Defaults come from the engine contract (:mod:`medsr.runtime.contract`).
+    ``tile``: tile edge including the overlap. ``overlap``: pixels shared by neighbouring tiles.
+    ``halo``: pixels dropped at each interior tile edge before blending (None: the contract's
+    ``default_halo(overlap)``); the remaining ``overlap - 2*halo`` is feathered.
+    ``batch``: tiles per backend call (None: the backend's preferred batch).
     ``fit``: shrink the tile (per image, per axis) to the smallest size that covers the image with the
     same number of tiles, so a 1024-px axis takes 5 tiles of 218 instead of 5 of 256 (all tiles of an
     image still share one shape). ``fit=False`` keeps exactly ``tile`` and reflect-pads images smaller
     than a tile (for static-shape engines).
     """
 
-    tile: int = 256
-    overlap: int = 16
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
     halo: int | None = None
-    batch: int = 4
+    batch: int | None = None
     fit: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("tile", "overlap", "batch"):
+        for name in ("tile", "overlap"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
-        if self.halo is not None and (isinstance(self.halo, bool) or not isinstance(self.halo, (int, np.integer))):
-            raise ValueError(f"halo must be an integer or None, got {self.halo!r}")
+        for name in ("halo", "batch"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise ValueError(f"{name} must be an integer or None, got {v!r}")
         if self.tile < 1:
             raise ValueError(f"tile must be a positive number of LR pixels, got {self.tile}")
         if self.overlap < 0:
@@ -72,12 +75,12 @@ class TileConfig:
                 f"halo must be between 0 and overlap // 2 = {self.overlap // 2} "
                 f"(two halos must fit in the overlap), got {self.halo}"
             )
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
 
     @property
     def resolved_halo(self) -> int:
-        return self.overlap // 4 if self.halo is None else int(self.halo)
+        return default_halo(self.overlap) if self.halo is None else int(self.halo)
 
 
 @dataclass(frozen=True)
@@ -232,9 +235,12 @@ def _shrink(length: int, tile: int, overlap: int, multiple: int, lowest: int) ->
     return min(t, tile)
 
 
-def plan_tiles(height: int, width: int, config: TileConfig, limits: TileLimits | None = None) -> TilePlan:
+def plan_tiles(
+    height: int, width: int, config: TileConfig, limits: TileLimits | None = None, preferred_batch: int = DEFAULT_BATCH
+) -> TilePlan:
     """Plan the tiles of an ``height x width`` LR image (see :class:`TileConfig` for ``fit``).
 
+    ``preferred_batch``: the batch when ``config.batch`` is None (the backend's ``preferred_batch``).
     ``limits`` (the backend's :class:`TileLimits`): tile and overlap must be multiples of
     ``limits.multiple`` (ValueError otherwise); a tile outside ``[min_hw, max_hw]`` is clamped to the
     nearest accepted size (a warning is logged), or ValueError when that leaves no room for the overlap.
@@ -243,7 +249,9 @@ def plan_tiles(height: int, width: int, config: TileConfig, limits: TileLimits |
         raise ValueError(f"image must be at least 1x1, got {height}x{width}")
     limits = limits or TileLimits()
     th, tw = _fit_tile(config.tile, config.overlap, limits)
-    batch = config.batch if limits.max_batch is None else max(1, min(config.batch, limits.max_batch))
+    batch = int(config.batch or preferred_batch)
+    if limits.max_batch is not None:
+        batch = max(1, min(batch, limits.max_batch))
     m = limits.multiple
     if config.fit:
         th = _shrink(_round_up(height, m), th, config.overlap, m, limits.min_hw[0])
@@ -337,9 +345,16 @@ class _Runner:
         where = ", ".join(f"(y={origins[i][0]}, x={origins[i][1]})" for i in idx.tolist()[:4])
         fb = self._get_fallback()
         if fb is None:
+            if self.backend.precision in ("fp32", "tf32"):
+                raise NonFiniteOutputError(
+                    f"the model produced NaN/Inf in full precision ({self.backend.name}, {self.backend.precision}) "
+                    f"for {len(idx)} tile(s) at LR origin {where}: the weights are broken (e.g. a diverged "
+                    "training run or a damaged file); use other weights"
+                )
             raise NonFiniteOutputError(
                 f"backend {self.backend.name} ({self.backend.precision}) produced NaN/Inf for {len(idx)} tile(s) "
-                f"at LR origin {where} and has no higher-precision fallback; run with precision='fp32'"
+                f"at LR origin {where} and has no fp32 fallback (no fp32 model beside the engine); "
+                "use an fp32 engine or precision='fp32'"
             )
         log.warning(
             "backend %s (%s) produced NaN/Inf for %d tile(s) at %s; re-running on %s (%s)",
@@ -378,7 +393,7 @@ def iter_strips(
         raise ValueError(f"image has {c} channel(s) but the backend takes {backend.channels}")
     s = backend.scale
     c_out = backend.descriptor.out_channels
-    plan = plan_tiles(h, w, config, backend.tile_limits())
+    plan = plan_tiles(h, w, config, backend.tile_limits(), backend.preferred_batch)
     dev = backend.device
     th, tw = plan.tile_hw
     wp = plan.padded_hw[1]
@@ -431,21 +446,15 @@ def iter_strips(
 
 
 def default_convert(dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 [0, 1] -> ``dtype``: floats as is, integers scaled to the full range and rounded."""
+    """float32 [0, 1] -> ``dtype``: floats as is (not clipped: backends already return [0, 1]), integers
+    scaled to the full range and rounded (:func:`medsr.pixels.unit_to_array`)."""
+    from medsr.pixels import unit_to_array
+
     dt = np.dtype(dtype)
     if np.issubdtype(dt, np.floating):
         return lambda x: x.astype(dt, copy=False)
-    if np.issubdtype(dt, np.integer):
-        peak = np.iinfo(dt).max
-
-        def to_int(x: np.ndarray) -> np.ndarray:
-            y = x * np.float32(peak)
-            np.rint(y, out=y)
-            np.clip(y, 0, peak, out=y)
-            return y.astype(dt)
-
-        return to_int
-    raise ValueError(f"no default conversion to {dt}: pass convert=")
+    unit_to_array(np.zeros(1, np.float32), dt)  # ValueError now for a dtype without a conversion
+    return lambda x: unit_to_array(x, dt)
 
 
 def upscale_array(

@@ -1,30 +1,33 @@
-"""TensorRT backend: deserialize a ``.plan``, one execution context per CUDA stream, double buffering.
+"""TensorRT backend: deserialize a ``.plan`` (TensorRT 10+), one execution context on one CUDA stream.
 
-``run`` splits the batch into chunks of at most the profile's max batch and alternates them over
-``streams`` (default 2) non-default CUDA streams, each with its own execution context. On each
-stream: copy in (host->device from pinned memory, or device->device), ``set_input_shape``,
-``set_tensor_address`` with torch CUDA tensors, ``execute_async_v3``, copy out. The copies of one
-chunk overlap the compute of the other. ``tensorrt`` is imported lazily; without it (or without a
-GPU) opening an engine raises a BackendError that says what to use instead.
+``run`` splits the batch into chunks of at most the profile's max batch. Per chunk on the backend's
+stream: copy in (host->device, or device->device), ``set_input_shape``, output shape from
+``context.get_tensor_shape``, ``set_tensor_address`` with torch CUDA tensors, ``execute_async_v3``,
+finish and copy out; the caller's stream waits on it. One context: a second one would double the
+engine's activation memory, and the tiled runtime feeds one batch at a time, so it would sit idle.
+``tensorrt`` is imported lazily; without it (or without a GPU) opening an engine raises a BackendError
+that says what to use instead.
+
+Not executed on this project's machines (no TensorRT builder or runtime is installable here); checked
+against the TensorRT 10 and 11 Python APIs with ``shared/tools/trt-api-check``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medsr.export.tensorrt import check_sidecar, read_sidecar, sidecar_from_dict
 from medsr.runtime.backend import Backend, BackendError, TileLimits
-from medsr.runtime.onnx_backend import finish_output
-
-
-@dataclass
-class _Slot:
-    stream: torch.cuda.Stream
-    context: Any
+from medsr.runtime.contract import (
+    check_sidecar,
+    check_tensorrt_version,
+    finish_output,
+    fp32_path_for,
+    read_sidecar,
+    sidecar_from_dict,
+)
 
 
 def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
@@ -57,7 +60,7 @@ class TensorRTBackend(Backend):
         *,
         device: str | torch.device | None = "cuda",
         expect_scale: int | None = None,
-        streams: int = 2,
+        precision: str | None = None,
         batch: int | None = None,
     ) -> None:
         self.path = Path(path)
@@ -68,7 +71,14 @@ class TensorRTBackend(Backend):
         self.sidecar = side
         self.descriptor, self.profile = sidecar_from_dict(side)
         self.model_id = side["model_id"]
+        self.weights_sha256 = side.get("weights_sha256", "")
         self.precision = side["precision"]
+        if precision is not None and precision != self.precision:
+            raise BackendError(
+                f"{self.path}: this engine was built {self.precision}; {precision} was asked. A TensorRT engine "
+                f"runs the precision baked into its ONNX: build a {precision} engine with medsr-export"
+                + (" --fp16" if precision == "fp16" else "")
+            )
         onnx_hint = side.get("onnx_file") or "the .onnx beside it"
         try:
             import tensorrt as trt
@@ -88,6 +98,7 @@ class TensorRTBackend(Backend):
             side, self.path, tensorrt_version=trt.__version__, gpu_name=torch.cuda.get_device_name(self.device),
             compute_capability=cap,
         )
+        check_tensorrt_version(trt.__version__)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
@@ -114,9 +125,10 @@ class TensorRTBackend(Backend):
                 multiple=self.descriptor.size_multiple,
             )
             self.preferred_batch = batch or int(popt[0])
-            self._slots = [
-                _Slot(torch.cuda.Stream(self.device), engine.create_execution_context()) for _ in range(max(1, streams))
-            ]
+            self._stream = torch.cuda.Stream(self.device)
+            self._context = engine.create_execution_context()
+            if self._context is None:
+                raise BackendError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
 
     def tile_limits(self) -> TileLimits:
         return self._limits
@@ -130,50 +142,36 @@ class TensorRTBackend(Backend):
         n, _, h, w = batch.shape
         s, c_out = self.scale, self.descriptor.out_channels
         mb = self._limits.max_batch or n
-        on_gpu = batch.device.type == "cuda"
         caller = torch.cuda.current_stream(self.device)
-        if on_gpu:
-            src = batch.detach()
-            out = torch.empty((n, c_out, h * s, w * s), device=batch.device, dtype=torch.float32)
-        else:
-            src = batch.detach().to(torch.float32).contiguous().pin_memory()
-            out = torch.empty((n, c_out, h * s, w * s), dtype=torch.float32, pin_memory=True)
-        used = set()
-        for k, a in enumerate(range(0, n, mb)):
-            b = min(n, a + mb)
-            slot = self._slots[k % len(self._slots)]
-            used.add(k % len(self._slots))
-            with torch.cuda.stream(slot.stream):
-                slot.stream.wait_stream(caller)  # the input (and `out`) are ready
-                if on_gpu:
-                    src.record_stream(slot.stream)
-                    out.record_stream(slot.stream)
-                x = torch.empty((b - a, self.channels, h, w), device=self.device, dtype=self.in_dtype)
-                x.copy_(src[a:b], non_blocking=True)
-                y = torch.empty((b - a, c_out, h * s, w * s), device=self.device, dtype=self.out_dtype)
-                context = slot.context
-                context.set_input_shape(self.input_name, tuple(x.shape))
-                context.set_tensor_address(self.input_name, x.data_ptr())
-                context.set_tensor_address(self.output_name, y.data_ptr())
-                if not context.execute_async_v3(slot.stream.cuda_stream):
+        out = torch.empty((n, c_out, h * s, w * s), device=self.device, dtype=torch.float32)
+        src = batch.detach()
+        ctx, stream = self._context, self._stream
+        with torch.cuda.stream(stream):
+            stream.wait_stream(caller)  # the input is ready
+            for a in range(0, n, mb):
+                b = min(n, a + mb)
+                x = src[a:b].to(self.device, self.in_dtype, non_blocking=True).contiguous()
+                if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+                    raise BackendError(f"{self.path}: TensorRT refused the input shape {tuple(x.shape)}")
+                oshape = tuple(ctx.get_tensor_shape(self.output_name))
+                if oshape != (b - a, c_out, h * s, w * s):
+                    raise BackendError(
+                        f"{self.path}: engine output shape {oshape} for input {tuple(x.shape)}, expected "
+                        f"{(b - a, c_out, h * s, w * s)} (x{s}); rebuild the engine"
+                    )
+                y = torch.empty(oshape, device=self.device, dtype=self.out_dtype)
+                ctx.set_tensor_address(self.input_name, x.data_ptr())
+                ctx.set_tensor_address(self.output_name, y.data_ptr())
+                if not ctx.execute_async_v3(stream.cuda_stream):
                     raise BackendError(f"{self.path}: TensorRT execute_async_v3 failed for a {tuple(x.shape)} batch")
-                if on_gpu:
-                    out[a:b].copy_(finish_output(y.float()))
-                else:  # clamp on the GPU, then D2H into pinned memory (overlaps the other stream's compute)
-                    out[a:b].copy_(finish_output(y.float()), non_blocking=True)
-        for i in used:
-            if on_gpu:
-                caller.wait_stream(self._slots[i].stream)
-            else:
-                self._slots[i].stream.synchronize()
-        return out
+                out[a:b].copy_(finish_output(y))  # x, y belong to this stream's allocator pool
+        caller.wait_stream(stream)  # `out` (the caller's) is complete before the caller reads it
+        return out if batch.device == self.device else out.to(batch.device)
 
     def fallback(self) -> Backend | None:
         """fp16 engine: the fp32 ONNX beside it (``x.fp16.onnx`` -> ``x.onnx``) on ONNX Runtime, if present."""
         if self.precision != "fp16":
             return None
-        from medsr.export.onnx_export import fp32_path_for
-
         onnx_file = self.sidecar.get("onnx_file")
         fp32 = fp32_path_for(self.path.parent / onnx_file) if onnx_file else None
         if fp32 is None or not fp32.is_file():
@@ -183,5 +181,9 @@ class TensorRTBackend(Backend):
         return OnnxRuntimeBackend(fp32, device=self.device)
 
     def close(self) -> None:
-        self._slots = []
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.synchronize()  # no kernel may still use the buffers or the context being freed
+        self._context = None
+        self._stream = None
         self.engine = None

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from medsr.io.image import SUPPORTED_SUFFIXES
 from medsr.train import kernels as K
 from medsr.train.classical import classical_degrade, margin
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 MULTISCALE_SCALES = (0.75, 0.5, 1 / 3)
 MULTISCALE_SHORTEST_EDGE = 400
 
@@ -28,7 +28,7 @@ def list_images(folder: str | Path) -> list[Path]:
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"image folder not found: {d}")
-    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
 
 
 def write_meta_info(paths: Sequence[Path], meta_file: str | Path, root: str | Path | None = None) -> Path:

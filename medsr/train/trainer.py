@@ -50,12 +50,14 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} requested but CUDA is not available")
-    return dev
+    """The runtime's device rule (:func:`medsr.runtime.backend.resolve_device`), as a TrainingError."""
+    from medsr.runtime.backend import BackendError
+    from medsr.runtime.backend import resolve_device as _resolve
+
+    try:
+        return _resolve(name)
+    except BackendError as e:
+        raise TrainingError(str(e)) from None
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -96,7 +98,7 @@ def set_rng_states(st: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    from medsr.io import atomic_write_path
+    from medsr.fsutil import atomic_write_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write_path(path) as tmp:

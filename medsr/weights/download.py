@@ -9,19 +9,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from medsr.fsutil import sha256_file
 from medsr.weights.errors import WeightsError
 from medsr.weights.registry import ModelEntry, cache_dir, find_entry
 
 _CHUNK = 1 << 20
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_entry(name_or_entry: str | ModelEntry) -> ModelEntry:
@@ -65,7 +57,7 @@ def download(
         if entry.sha256 is None or digest == entry.sha256:
             return dest
         print(f"medsr: {dest} has sha256 {digest}, expected {entry.sha256}; downloading again", file=sys.stderr)
-    from medsr.io import atomic_write_path
+    from medsr.fsutil import atomic_write_path
 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write_path(dest) as tmp:  # renamed into place only after the hash matched

@@ -52,6 +52,7 @@ def load_file(path: Path, model_id: str | None = None) -> LoadedModel:
     if suffix in (".param", ".bin"):
         param = path.with_suffix(".param")
         model = import_ncnn(param, param.with_suffix(".bin"))
+        _check_finite(model, param.with_suffix(".bin"))
         return _loaded(model, model_id or param.stem, sha256_file(param.with_suffix(".bin")), str(param))
     if suffix in TORCH_SUFFIXES:
         obj = _read_torch(path)
@@ -61,6 +62,7 @@ def load_file(path: Path, model_id: str | None = None) -> LoadedModel:
         raise WeightsError(f"{path}: unsupported weights format {suffix!r} (use .pth, .pt, .safetensors or .param)")
     meta = obj.get("medsr") if isinstance(obj.get("medsr"), Mapping) else {}
     model = _build(obj, path)
+    _check_finite(model, path)
     return _loaded(model, model_id or str(meta.get("model_id") or path.stem), sha256_file(path), str(path))
 
 
@@ -135,6 +137,18 @@ def _build(obj: Mapping[str, Any], path: Path) -> RRDBNet:
         raise WeightsError(f"{path}: unsupported weights ({_short(e)})") from e
 
 
+def _check_finite(model: RRDBNet, path: Path) -> None:
+    """NaN/Inf weights make every output NaN: refuse them at load, naming the file."""
+    import torch
+
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(
+            f"{path}: the weights are broken: {len(bad)} tensor(s) hold NaN/Inf (first: {bad[0]}); "
+            "e.g. a diverged training run or a damaged file"
+        )
+
+
 def _short(e: BaseException, n: int = 300) -> str:
     s = str(e).strip().replace("\n", " ")
     return s if len(s) <= n else s[:n] + "..."
@@ -146,7 +160,7 @@ def save_weights(model: RRDBNet, path: str | os.PathLike[str], model_id: str, ex
     path = Path(path)
     meta = {"model_id": model_id, "descriptor": model.descriptor.to_dict(), **(extra or {})}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    from medsr.io import atomic_write_path
+    from medsr.fsutil import atomic_write_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write_path(path) as tmp:

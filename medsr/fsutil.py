@@ -1,15 +1,43 @@
-"""Atomic file writes: a temporary file next to the destination, ``os.replace`` on success."""
+"""Filesystem helpers used by every writer (images, ONNX, engines, checkpoints, downloads).
+
+Atomic writes: a temporary file next to the destination, ``os.replace`` on success. Errors are plain
+``OSError``s, so each caller wraps them in its own error type.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from medsr.io.image import ImageWriteError
+
+class EmptyWriteError(OSError):
+    """The writer returned without writing anything."""
+
+
+#: below this many free bytes a failed write is reported as a full disk
+_LOW_SPACE = 1 << 20
+
+
+def os_error_reason(e: OSError, folder: str | os.PathLike[str] | None = None) -> str:
+    """A short reason for a failed write: the OS message, also when a library dropped the errno
+    (numpy's ``tofile`` says "N requested and 0 written"): then a full ``folder`` is named as such."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno is not None:
+            return err.strerror or os.strerror(err.errno)
+    if folder is not None:
+        try:
+            if shutil.disk_usage(folder).free < _LOW_SPACE:
+                return os.strerror(errno.ENOSPC)
+        except OSError:
+            pass
+    return str(e) or type(e).__name__
 
 
 def _umask() -> int:
@@ -40,7 +68,7 @@ def atomic_write_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if not tmp.exists() or tmp.stat().st_size == 0:
-            raise ImageWriteError("the writer produced no data")
+            raise EmptyWriteError("the writer produced no data")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         try:
@@ -105,3 +133,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
