@@ -190,3 +190,19 @@ def test_cli_rejects_unknown_paths(tmp_path: Path) -> None:
 
     res = CliRunner().invoke(main, ["--smoke", "--paths", "torch-fp32,warp-drive", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "warp-drive" in res.output
+
+
+def test_memory_table_runs_each_cpu_path_in_its_own_process(tmp_path) -> None:
+    import torch
+    from conftest import tiny_rrdb
+
+    from medsr.bench.memory import memory_markdown, run_memory
+
+    w = tmp_path / "tiny.pth"
+    torch.save({"params_ema": tiny_rrdb(4, 1).state_dict()}, w)
+    rows = run_memory(str(w), size=(40, 30), paths=["torch-fp32", "ort-cpu-fp32", "openvino-fp32"], log=lambda s: None)
+    assert [r.path for r in rows] == ["torch-fp32", "ort-cpu-fp32", "openvino-fp32"]
+    for r in rows:
+        assert r.status == "ok", r.status
+        assert 0.05 < r.peak_rss_gb < 3.0  # a real process's RSS (python + torch), not a placeholder
+    assert "| torch-fp32 |" in memory_markdown(rows, "tiny", (40, 30))

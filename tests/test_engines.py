@@ -52,8 +52,8 @@ def test_defaults_have_one_home() -> None:
     r = Recipe(name="x", model="m", channels=1, scale=4)
     assert (r.tile, r.overlap, r.batch, r.max_batch) == (C.DEFAULT_TILE, C.DEFAULT_OVERLAP, C.DEFAULT_BATCH, C.DEFAULT_MAX_BATCH)
     backend = TorchBackend(tiny_rrdb(4, 1), device="cpu")
-    assert backend.preferred_batch == C.DEFAULT_BATCH
-    assert Upscaler(backend).plan(600, 600).batch == C.DEFAULT_BATCH  # batch None: the backend's
+    assert backend.preferred_batch == C.DEFAULT_CPU_BATCH == C.default_batch("cpu") and C.default_batch("cuda") == C.DEFAULT_BATCH
+    assert Upscaler(backend).plan(600, 600).batch == C.DEFAULT_CPU_BATCH  # batch None: the backend's
 
 
 def test_eval_and_train_list_what_io_reads(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ class PathSkipped(RuntimeError):
 @dataclass(frozen=True)
 class PathSpec:
     name: str
-    kind: str  # "torch" | "onnxruntime" | "tensorrt"
+    kind: str  # "torch" | "onnxruntime" | "openvino" | "tensorrt"
     precision: str  # "fp32" | "bf16" | "fp16"
     device: str  # "bench": the bench device; "cpu"; "cuda"
     channels_last: bool = False
@@ -34,9 +34,7 @@ class PathSpec:
         return bench_device if self.device == "bench" else self.device
 
     def peak_precision(self, bench_device: str) -> str:
-        """Precision of the GEMM peak this path is compared against."""
-        if self.compile and self.resolved_device(bench_device) == "cuda":
-            return "fp16"
+        """Precision of the GEMM peak this path is compared against (the precision it runs)."""
         return self.precision
 
 
@@ -46,14 +44,18 @@ PATHS: tuple[PathSpec, ...] = (
     PathSpec("torch-bf16-cl", "torch", "bf16", "bench", channels_last=True, description="PyTorch bf16 autocast, channels_last"),
     PathSpec("torch-fp16-cl", "torch", "fp16", "cuda", channels_last=True, description="PyTorch fp16, channels_last (GPU)"),
     PathSpec("torch-compile", "torch", "fp32", "bench", channels_last=True, compile=True,
-             description="torch.compile, channels_last (fp32 on CPU, fp16 on GPU)"),
+             description="torch.compile, channels_last, fp32"),
+    PathSpec("torch-compile-fp16", "torch", "fp16", "cuda", channels_last=True, compile=True,
+             description="torch.compile, channels_last, fp16 (GPU)"),
     PathSpec("ort-cpu", "onnxruntime", "fp32", "cpu", description="ONNX Runtime CPUExecutionProvider, fp32 ONNX"),
+    PathSpec("ov-fp32", "openvino", "fp32", "cpu", description="OpenVINO CPU, fp32 ONNX, inference precision f32"),
+    PathSpec("ov-bf16", "openvino", "bf16", "cpu", description="OpenVINO CPU, fp32 ONNX, inference precision bf16"),
     PathSpec("ort-cuda", "onnxruntime", "fp32", "cuda", description="ONNX Runtime CUDAExecutionProvider, fp32 ONNX"),
     PathSpec("ort-cuda-fp16", "onnxruntime", "fp16", "cuda", description="ONNX Runtime CUDAExecutionProvider, fp16 ONNX"),
     PathSpec("trt-fp16", "tensorrt", "fp16", "cuda", description="TensorRT engine, FP16"),
 )
 PATH_NAMES: tuple[str, ...] = tuple(p.name for p in PATHS)
-SMOKE_PATHS: tuple[str, ...] = ("torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "ort-cpu")
+SMOKE_PATHS: tuple[str, ...] = ("torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "ort-cpu", "ov-fp32")
 
 
 def get_path(name: str) -> PathSpec:
@@ -103,6 +105,13 @@ def unavailable(spec: PathSpec, bench_device: str) -> str | None:
             return "onnxruntime-gpu not installed (no CUDAExecutionProvider)"
         if not _has_module("onnx"):
             return "onnx not installed (needed to export the model)"
+    if spec.kind == "openvino":
+        if not _has_module("openvino"):
+            return "openvino not installed (pip install medsr[cpu])"
+        if not _has_module("onnx"):
+            return "onnx not installed (needed to export the model)"
+        if bench_device == "cuda":
+            return "OpenVINO is a CPU path (run with --device cpu)"
     if spec.kind == "tensorrt":
         if not _has_module("tensorrt"):
             return "TensorRT not installed (python package 'tensorrt')"
@@ -122,8 +131,8 @@ def unavailable(spec: PathSpec, bench_device: str) -> str | None:
 def _torch_backend(spec: PathSpec, model: Any, device: str) -> Any:
     from medsr.runtime import TorchBackend
 
-    precision = "fp16" if spec.compile and device == "cuda" else spec.precision
-    return TorchBackend(model, device=device, precision=precision, channels_last=spec.channels_last, compile=spec.compile)
+    return TorchBackend(model, device=device, precision=spec.precision, channels_last=spec.channels_last,
+                        compile=spec.compile)
 
 
 def export_onnx_file(model: Any, path: Path, tile: int, precision: str = "fp32") -> Path:
@@ -139,6 +148,13 @@ def _ort_backend(spec: PathSpec, model: Any, device: str, workdir: Path, tile: i
     from medsr.runtime.engines import open_backend
 
     return open_backend(onnx_path, device=device, precision=spec.precision)
+
+
+def _ov_backend(spec: PathSpec, model: Any, workdir: Path, tile: int) -> Any:
+    onnx_path = export_onnx_file(copy.deepcopy(model).cpu().float(), workdir / "model-fp32.onnx", tile, "fp32")
+    from medsr.runtime.engines import open_backend
+
+    return open_backend(onnx_path, device="cpu", precision=spec.precision, runtime="openvino")
 
 
 def _trt_backend(spec: PathSpec, model: Any, workdir: Path, tile: int, batch: int) -> Any:
@@ -164,6 +180,8 @@ def build_backend(spec: PathSpec, model: Any, bench_device: str, workdir: Path, 
             return _torch_backend(spec, copy.deepcopy(model), device)
         if spec.kind == "onnxruntime":
             return _ort_backend(spec, model, device, workdir, tile)
+        if spec.kind == "openvino":
+            return _ov_backend(spec, model, workdir, tile)
         if spec.kind == "tensorrt":
             return _trt_backend(spec, model, workdir, tile, batch)
     except PathSkipped:

@@ -21,10 +21,14 @@ PRESETS = ("smoke", "quick", "full")
 @click.option("--paths", "paths", default=None, help="Comma-separated paths (default: the preset's; 'all').")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--no-scaling", is_flag=True, help="Skip the image-size scaling and overhead sections.")
+@click.option("--memory", "memory", default=None, metavar="HxW",
+              help="Instead of the path table: peak RSS of whole medsr-infer runs per CPU path on one synthetic "
+                   "16-bit HxW image (e.g. 3000x2500).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default benchmarks/results/<host>-<date>).")
 def main(preset: str | None, model: str | None, device: str, tile: int | None, batch: int | None,
-         repeats: int | None, paths: str | None, threads: int | None, no_scaling: bool, out: Path | None) -> None:
+         repeats: int | None, paths: str | None, threads: int | None, no_scaling: bool, memory: str | None,
+         out: Path | None) -> None:
     """Benchmark every inference path (PyTorch, ONNX Runtime, TensorRT) against PyTorch fp32.
 
     Prints ms per tile, LR MP/s, achieved TFLOP/s and % of a GEMM peak measured in the same run,
@@ -32,6 +36,27 @@ def main(preset: str | None, model: str | None, device: str, tile: int | None, b
     Paths that cannot run here are listed as "skipped: <reason>".
     """
     from medsr.bench.paths import PATH_NAMES, PathSkipped, resolve_device
+
+    if memory:
+        from medsr.bench.memory import CPU_PATHS, memory_markdown, run_memory, write_memory
+        from medsr.bench.report import default_out_dir as _out
+        from medsr.weights import DEFAULT_MODEL
+
+        try:
+            hw = tuple(int(v) for v in memory.lower().split("x"))
+            assert len(hw) == 2 and min(hw) > 0
+        except (ValueError, AssertionError):
+            raise click.UsageError(f"--memory {memory!r}: give HxW, e.g. 3000x2500") from None
+        names = [p.strip() for p in paths.split(",")] if paths else None
+        known = [n for n, *_ in CPU_PATHS]
+        if names and any(n not in known for n in names):
+            raise click.UsageError(f"--paths for --memory: known CPU paths are {', '.join(known)}")
+        m = model or DEFAULT_MODEL
+        rows = run_memory(m, size=hw, paths=names, tile=tile, log=lambda s: click.echo(s, err=True))  # type: ignore[arg-type]
+        click.echo(memory_markdown(rows, m, hw))  # type: ignore[arg-type]
+        for name, path in write_memory(rows, out or _out(), m, hw).items():  # type: ignore[arg-type]
+            click.echo(f"wrote {name}: {path}")
+        return
     from medsr.bench.report import default_out_dir, paths_table, write_report
     from medsr.bench.runner import BenchConfig, run_bench
 

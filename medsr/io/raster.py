@@ -205,7 +205,7 @@ def write_raster(img: Image, tmp: Path) -> None:
     if not ok:
         raise ImageWriteError(f"OpenCV could not encode {img.format.upper()}")
     with open(tmp, "wb") as f:
-        f.write(buf.tobytes())
+        f.write(memoryview(buf))  # no second copy of the encoded image
 
 
 def _write_tiff(img: Image, arr: np.ndarray, tmp: Path) -> None:

@@ -28,8 +28,16 @@ from medsr.runtime.backend import BackendError, TileLimits
 DEFAULT_TILE = 256
 #: LR pixels shared by neighbouring tiles (halo dropped at each interior edge + raised-cosine blend zone)
 DEFAULT_OVERLAP = 16
-#: tiles per backend call when neither the caller nor the backend says otherwise
+#: tiles per backend call on a GPU when neither the caller nor the backend says otherwise
 DEFAULT_BATCH = 4
+#: tiles per call on the CPU: batching gains nothing there, and each tile's 4x activations (~0.2 GB per
+#: feature map at tile 256) would multiply the peak memory
+DEFAULT_CPU_BATCH = 1
+
+
+def default_batch(device: torch.device | str) -> int:
+    """The preferred batch of a backend on ``device``."""
+    return DEFAULT_BATCH if torch.device(device).type == "cuda" else DEFAULT_CPU_BATCH
 
 
 def default_halo(overlap: int) -> int:

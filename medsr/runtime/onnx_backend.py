@@ -22,8 +22,8 @@ import torch
 
 from medsr.runtime.backend import Backend, BackendError, TileLimits, resolve_device
 from medsr.runtime.contract import (
-    DEFAULT_BATCH,
     INPUT_NAME,
+    default_batch,
     descriptor_from_metadata,
     finish_output,
     fp32_path_for,
@@ -89,7 +89,7 @@ class OnnxRuntimeBackend(Backend):
         device: str | torch.device | None = "auto",
         providers: str | Sequence[str] | None = None,
         expect_scale: int | None = None,
-        batch: int = DEFAULT_BATCH,
+        batch: int | None = None,
         threads: int | None = None,
     ) -> None:
         try:
@@ -106,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
             self.device = torch.device("cpu")  # "auto": the best device ONNX Runtime has here (CPU-only wheel)
         self._providers_arg = providers
         self.providers = choose_providers(available, self.device, providers)
-        self.preferred_batch = batch
+        self.preferred_batch = batch or default_batch(self.device)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads

@@ -18,7 +18,7 @@ import torch
 
 from medsr.runtime.backend import Backend, BackendError, TileLimits, resolve_device
 from medsr.runtime.contract import (
-    DEFAULT_BATCH,
+    default_batch,
     descriptor_from_metadata,
     engine_kind,
     finish_output,
@@ -47,7 +47,7 @@ class OpenVINOBackend(Backend):
         device: str | torch.device | None = "cpu",
         precision: str | None = None,
         expect_scale: int | None = None,
-        batch: int = DEFAULT_BATCH,
+        batch: int | None = None,
         threads: int | None = None,
         _model: Any = None,
     ) -> None:
@@ -81,7 +81,7 @@ class OpenVINOBackend(Backend):
         if expect_scale is not None and int(expect_scale) != self.descriptor.scale:
             raise BackendError(f"{self.path}: model is x{self.descriptor.scale}, x{expect_scale} was requested")
         self.precision = precision
-        self.preferred_batch = batch
+        self.preferred_batch = batch or default_batch(self.device)
         self._ov_model = ov_model
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:

@@ -11,7 +11,7 @@ from torch import nn
 
 from medsr.arch.descriptor import ModelDescriptor
 from medsr.runtime.backend import Backend, BackendError, resolve_device
-from medsr.runtime.contract import DEFAULT_BATCH, PRECISIONS, finish_output
+from medsr.runtime.contract import PRECISIONS, default_batch, finish_output
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class TorchBackend(Backend):
         self.precision = precision
         self.channels_last = channels_last
         self.compiled = compile
-        self.preferred_batch = DEFAULT_BATCH
+        self.preferred_batch = default_batch(self.device)
 
         src = model.eval().float().to(self.device)
         if channels_last:
