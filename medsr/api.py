@@ -4,7 +4,7 @@
 >>> up = Upscaler.from_pretrained("realesrgan-x4plus")       # PyTorch, CPU or CUDA
 >>> hr = up(lr_uint16)                                         # numpy in, numpy out, same dtype
 >>> up.upscale_file("in.dcm", "out/in.dcm")                   # format and bit depth kept
->>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived Dataset
+>>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived FileDataset (save_as -> Part 10)
 
 Thread safety: one Upscaler may be shared between threads; calls are serialised by a lock (one
 backend = one device queue). For parallel throughput use one Upscaler per thread/GPU.
@@ -44,12 +44,15 @@ class Upscaler:
         *,
         model_id: str = "custom",
         variants: dict[int, Backend] | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         from medsr.runtime import TileConfig
 
         self.backend = backend
         self.config = config or TileConfig()
         self.model_id = model_id
+        #: sha256 of the weights (derived DICOM UIDs depend on it; None: on ``model_id`` only)
+        self.weights_sha256 = weights_sha256
         self._variants: dict[int, Backend] = {backend.channels: backend, **(variants or {})}
         self._lock = threading.Lock()
 
@@ -85,7 +88,7 @@ class Upscaler:
         if lm.descriptor.in_channels == 3:
             variants[1] = make(fold_to_gray(lm.model))
         config = _config(backend, tile, overlap, batch)
-        return cls(backend, config, model_id=lm.model_id, variants=variants)
+        return cls(backend, config, model_id=lm.model_id, variants=variants, weights_sha256=lm.sha256)
 
     @classmethod
     def from_engine(
@@ -109,7 +112,8 @@ class Upscaler:
 
         backend = open_backend(p, device=device, precision=precision)
         model_id = getattr(backend, "model_id", None) or p.stem
-        return cls(backend, _config(backend, tile, overlap, batch), model_id=model_id)
+        return cls(backend, _config(backend, tile, overlap, batch), model_id=model_id,
+                   weights_sha256=_recorded_weights_sha256(backend, p))
 
     # properties ------------------------------------------------------------------------------
     @property
@@ -172,9 +176,24 @@ class Upscaler:
         return out if arr.ndim == 3 else out[..., 0]
 
     # medsr.io images ---------------------------------------------------------------------------
-    def upscale_image(self, img: Image, *, on_tiles: Any = None) -> Image:
-        """Upscale an :class:`medsr.io.Image`, keeping format, bit depth and photometric."""
-        from medsr.io import float_to_stored, make_output, to_float
+    def upscale_image(self, img: Image, *, on_tiles: Any = None, dicom_syntax: str | None = None) -> Image:
+        """Upscale an :class:`medsr.io.Image`, keeping format, bit depth and photometric.
+
+        DICOM: a derived instance encoded in ``dicom_syntax`` (default JPEG 2000 lossless; see
+        ``medsr.io.dicom_derive.parse_syntax``); multi-frame images are upscaled frame by frame."""
+        from medsr.io import make_output
+
+        if img.frames > 1:
+            from medsr.io.dicom_derive import derive_frames
+
+            return derive_frames(img, lambda f: self._upscale_stored(f, on_tiles), self.scale, self.model_id,
+                                 weights_sha256=self.weights_sha256, syntax=dicom_syntax)
+        out = self._upscale_stored(img, on_tiles)
+        return make_output(img, out, self.scale, self.model_id, weights_sha256=self.weights_sha256,
+                           dicom_syntax=dicom_syntax)
+
+    def _upscale_stored(self, img: Image, on_tiles: Any) -> np.ndarray:
+        from medsr.io import float_to_stored, to_float
         from medsr.runtime import upscale_array
 
         x = to_float(img)
@@ -190,11 +209,11 @@ class Upscaler:
                 convert=lambda strip: float_to_stored(strip, img),
                 on_tiles=on_tiles,
             )
-        return make_output(img, out, s, self.model_id)
+        return out
 
     def upscale_file(
         self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, on_tiles: Any = None,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS, dicom_syntax: str | None = None,
     ) -> Path:
         """Read ``src``, upscale, write ``dst`` atomically in the same format and bit depth.
 
@@ -208,13 +227,25 @@ class Upscaler:
         if dst.exists() and not overwrite:
             raise FileExistsError(f"{dst}: output exists (pass overwrite=True to replace it)")
         img = read_image(src, max_pixels=max_pixels)
-        return write_image(self.upscale_image(img, on_tiles=on_tiles), dst)
+        return write_image(self.upscale_image(img, on_tiles=on_tiles, dicom_syntax=dicom_syntax), dst)
 
-    def upscale_dicom(self, ds: Any) -> Any:
-        """Upscale a pydicom Dataset; returns the derived Dataset (new UIDs, spacing / scale)."""
+    def upscale_dicom(self, ds: Any, *, dicom_syntax: str | None = None) -> Any:
+        """Upscale a pydicom Dataset; returns the derived ``FileDataset`` (new UIDs, spacing / scale,
+        file meta): ``save_as(path)`` writes a valid Part 10 file."""
         from medsr.io.dicom import image_from_dataset
 
-        return self.upscale_image(image_from_dataset(ds)).dataset
+        return self.upscale_image(image_from_dataset(ds), dicom_syntax=dicom_syntax).dataset
+
+
+def _recorded_weights_sha256(backend: Backend, path: Path) -> str | None:
+    """The weights' sha256 an engine records (ONNX metadata, TensorRT sidecar), else the sha256 of
+    the engine file itself (the same file always gives the same pixels)."""
+    from medsr.weights import sha256_file
+
+    for rec in (getattr(backend, "metadata", None), getattr(backend, "sidecar", None)):
+        if isinstance(rec, dict) and rec.get("weights_sha256"):
+            return str(rec["weights_sha256"])
+    return sha256_file(path) if path.is_file() else None
 
 
 def _config(backend: Backend, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:

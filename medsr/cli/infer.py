@@ -151,10 +151,13 @@ def _load_upscaler(engine: str | None, model: str | None, **kw: object):
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse inputs with more LR pixels than this, read from the header before decoding "
                    "[default: 50000000].")
+@click.option("--dicom-syntax", default=None, callback=lambda ctx, param, v: _check_syntax(v),
+              help="DICOM output transfer syntax: jpeg2000-lossless (default; RLE for images under 32 px), rle, "
+                   "explicit-le (uncompressed) or jpeg2000-lossy[:RATIO] (lossy, marked as such; default ratio 10).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str, compile_: bool, overwrite: bool,
-         max_pixels: int | None, quiet: bool) -> None:
+         max_pixels: int | None, dicom_syntax: str | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -213,9 +216,9 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             from medsr.io import read_image, write_image
 
             img = read_image(job.src, max_pixels=limit)
-            tiles_bar.reset(total=up.plan(img.height, img.width, img.channels).num_tiles)
+            tiles_bar.reset(total=up.plan(img.height, img.width, img.channels).num_tiles * img.frames)
             job.dst.parent.mkdir(parents=True, exist_ok=True)
-            write_image(up.upscale_image(img, on_tiles=tiles_bar.update), job.dst)
+            write_image(up.upscale_image(img, on_tiles=tiles_bar.update, dicom_syntax=dicom_syntax), job.dst)
         except KeyboardInterrupt as e:
             interrupted = f"interrupted ({e or 'SIGINT'}) while writing {job.dst}: that file was not written"
             break
@@ -227,7 +230,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             tqdm.write(f"FAILED {msg}", file=sys.stderr)
             continue
         summary.written += 1
-        summary.megapixels += img.height * img.width / 1e6
+        summary.megapixels += img.height * img.width * img.frames / 1e6
     tiles_bar.close()
     files_bar.close()
     dt = time.perf_counter() - t0
@@ -244,6 +247,16 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         click.echo(f"medsr-infer: {interrupted}; re-run to continue (existing outputs are skipped)", err=True)
         sys.exit(130)
     sys.exit(1 if summary.failed else 0)
+
+
+def _check_syntax(value: str | None) -> str | None:
+    from medsr.io.dicom_derive import parse_syntax
+
+    try:
+        parse_syntax(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--dicom-syntax") from None
+    return value
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
