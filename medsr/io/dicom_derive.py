@@ -270,6 +270,7 @@ def _scale_geometry(ds: Any, scale: int, where: str) -> bool:
                 for pos in fg.PlanePositionSequence:
                     if "ImagePositionPatient" in pos:
                         consistent &= _shift_position(pos, iop, spacing, scale)
+    for fg_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):  # spacing after all positions
         for fg in ds.get(fg_kw) or []:
             for pm in fg.get("PixelMeasuresSequence") or []:
                 _scale_spacing(pm, "PixelSpacing", scale, where)
@@ -308,7 +309,7 @@ def _scale_edges(ds: Any, scale: int, kws: tuple[str, str, str, str]) -> None:
 def _scale_points(ds: Any, kw: str, scale: int) -> None:
     """1-based (row, column) pixel positions (pixel centres) mapped to the HR grid."""
     if kw in ds and ds[kw].value not in (None, ""):
-        ds[kw].value = [int(round((float(v) - 0.5) * scale + 0.5)) for v in _floats(ds[kw].value)]
+        ds[kw].value = [int(np.floor((float(v) - 0.5) * scale + 1.0)) for v in _floats(ds[kw].value)]
 
 
 def _scale_us_region(region: Any, scale: int) -> None:
@@ -423,9 +424,14 @@ class _Encoder:
 
     def __init__(self, ds: Any, syntax: OutputSyntax) -> None:
         self.ds = ds
-        self.syntax = syntax
         self.frames: list[bytes] = []
         self.raw_bytes = 0
+        self._use(syntax)
+
+    def _use(self, syntax: OutputSyntax) -> None:
+        self.syntax = syntax
+        if int(self.ds.SamplesPerPixel) == 3:  # colour in JPEG 2000: with the component transform (PS3.5 8.2.4)
+            self.ds.PhotometricInterpretation = {_J2K_LOSSLESS: "YBR_RCT", _J2K: "YBR_ICT"}.get(syntax.uid, "RGB")
 
     def add(self, frame: np.ndarray) -> None:
         frame = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
@@ -446,7 +452,7 @@ class _Encoder:
                 ) from None
             log.info("derived DICOM: %s cannot encode a %dx%d image; using RLE lossless",
                      self.syntax.name, frame.shape[1], frame.shape[0])
-            self.syntax = OutputSyntax("rle", _RLE, chosen=False)
+            self._use(OutputSyntax("rle", _RLE, chosen=False))
             self.frames.append(self._encode(frame))
 
     def _encode(self, frame: np.ndarray) -> bytes:
