@@ -425,6 +425,8 @@ def test_multiframe_holds_one_frame_at_a_time() -> None:
 
     out = derive_frames(img, fake_upscale, 2, "m", syntax="rle")
     assert seen == [(20, 18)] * 4 and out.frames == 4
+    one = _multiframe(n=1)  # a multi-frame IOD with one frame keeps NumberOfFrames (Type 1 there)
+    assert derive_dicom(one, nearest(one.pixel_array), 2, "m").NumberOfFrames == 1
     np.testing.assert_array_equal(out.dataset.pixel_array, nearest(src.pixel_array.transpose(1, 2, 0)).transpose(2, 0, 1))
     with pytest.raises(ValueError, match="frame 0: upscaled frame is"):
         derive_frames(img, lambda f: f.pixels, 2, "m")

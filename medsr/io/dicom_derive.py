@@ -622,6 +622,8 @@ class _Header:
         photometric = "RGB" if int(src.SamplesPerPixel) == 3 else src_photometric
         bits_stored = min(int(src.get("BitsStored", src.BitsAllocated)), dtype.itemsize * 8)
         _pixel_module(ds, shape, dtype, photometric, bits_stored, frames)
+        if "NumberOfFrames" in src and "NumberOfFrames" not in ds:  # Type 1 in multi-frame IODs, also when 1
+            ds.NumberOfFrames = frames
 
         old_type = [str(v) for v in _as_list(src.get("ImageType", []))]
         ds.ImageType = ["DERIVED", "SECONDARY", *old_type[2:]]
