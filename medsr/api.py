@@ -4,7 +4,7 @@
 >>> up = Upscaler.from_pretrained("realesrgan-x4plus")       # PyTorch, CPU or CUDA
 >>> hr = up(lr_uint16)                                         # numpy in, numpy out, same dtype
 >>> up.upscale_file("in.dcm", "out/in.dcm")                   # format and bit depth kept
->>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived Dataset
+>>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived FileDataset (save_as -> Part 10)
 >>> up.upscale_file("a.png", "out/a.png", progress=lambda done, total: print(done, "/", total))
 
 Thread safety: one Upscaler may be shared between threads; calls are serialised by a lock (one
@@ -46,14 +46,16 @@ class Upscaler:
         *,
         model_id: str | None = None,
         variants: dict[int, Backend] | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         from medsr.runtime import TileConfig
 
         self.backend = backend
         self.config = config or TileConfig()
         self.model_id = model_id or backend.model_id
-        #: sha256 of the weights (or of the weights an engine was exported from); "" when unknown
-        self.weights_sha256 = backend.weights_sha256
+        #: sha256 of the weights (or of the weights an engine was exported from); derived DICOM UIDs depend
+        #: on it. None when unknown: UIDs then depend on ``model_id`` only
+        self.weights_sha256 = weights_sha256 or backend.weights_sha256 or None
         self._variants: dict[int, Backend] = {backend.channels: backend, **(variants or {})}
         self._lock = threading.Lock()
         #: LR pixels upscaled so far by this Upscaler (all calls; for throughput figures)
@@ -130,7 +132,12 @@ class Upscaler:
         if compile:
             raise ValueError("compile applies to PyTorch models, not to ONNX, OpenVINO or TensorRT engines")
         backend = open_backend(p, device=device, precision=precision, runtime=runtime)
-        return cls(backend, config, model_id=backend.model_id if backend.model_id != "custom" else p.stem)
+        from medsr.fsutil import sha256_file
+
+        # the weights' sha256 the engine records (ONNX metadata, sidecar), else the engine file's own
+        digest = backend.weights_sha256 or (sha256_file(p) if p.is_file() else None)
+        return cls(backend, config, model_id=backend.model_id if backend.model_id != "custom" else p.stem,
+                   weights_sha256=digest)
 
     # properties ------------------------------------------------------------------------------
     @property
@@ -197,9 +204,34 @@ class Upscaler:
         return on_tiles
 
     # medsr.io images ---------------------------------------------------------------------------
-    def upscale_image(self, img: Image, *, progress: Callable[[int, int], object] | None = None) -> Image:
-        """Upscale an :class:`medsr.io.Image`, keeping format, bit depth and photometric."""
-        from medsr.io import float_to_stored, make_output, to_float
+    def upscale_image(
+        self, img: Image, *, progress: Callable[[int, int], object] | None = None, dicom_syntax: str | None = None
+    ) -> Image:
+        """Upscale an :class:`medsr.io.Image`, keeping format, bit depth and photometric.
+
+        DICOM: a derived instance encoded in ``dicom_syntax`` (default JPEG 2000 lossless; see
+        ``medsr.io.dicom_derive.parse_syntax``); multi-frame images are upscaled frame by frame."""
+        from medsr.io import make_output
+
+        if img.frames > 1:
+            from medsr.io.dicom_derive import derive_frames
+
+            total = [0]
+
+            def frame_progress(done: int, n: int) -> None:  # frames reported as one run of tiles
+                if progress is not None:
+                    progress(total[0] + done, n * img.frames)
+                if done == n:
+                    total[0] += n
+
+            return derive_frames(img, lambda f: self._upscale_stored(f, frame_progress), self.scale, self.model_id,
+                                 weights_sha256=self.weights_sha256, syntax=dicom_syntax)
+        out = self._upscale_stored(img, progress)
+        return make_output(img, out, self.scale, self.model_id, weights_sha256=self.weights_sha256,
+                           dicom_syntax=dicom_syntax)
+
+    def _upscale_stored(self, img: Image, progress: Callable[[int, int], object] | None) -> np.ndarray:
+        from medsr.io import float_to_stored, to_float
         from medsr.runtime import upscale_array
 
         x = to_float(img)
@@ -213,11 +245,12 @@ class Upscaler:
                 on_tiles=self._counter(b, x.shape, progress),
             )
             self.lr_pixels += img.height * img.width
-        return make_output(img, out, s, self.model_id)
+        return out
 
     def upscale_file(
         self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: Callable[[int, int], object] | None = None,
+        dicom_syntax: str | None = None,
     ) -> Path:
         """Read ``src``, upscale, write ``dst`` atomically in the same format and bit depth.
 
@@ -234,13 +267,14 @@ class Upscaler:
             raise FileExistsError(f"{dst}: output exists (pass overwrite=True to replace it)")
         img = read_image(src, max_pixels=max_pixels)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        return write_image(self.upscale_image(img, progress=progress), dst)
+        return write_image(self.upscale_image(img, progress=progress, dicom_syntax=dicom_syntax), dst)
 
-    def upscale_dicom(self, ds: Any) -> Any:
-        """Upscale a pydicom Dataset; returns the derived Dataset (new UIDs, spacing / scale)."""
+    def upscale_dicom(self, ds: Any, *, dicom_syntax: str | None = None) -> Any:
+        """Upscale a pydicom Dataset; returns the derived ``FileDataset`` (new UIDs, spacing / scale,
+        file meta): ``save_as(path)`` writes a valid Part 10 file."""
         from medsr.io.dicom import image_from_dataset
 
-        return self.upscale_image(image_from_dataset(ds)).dataset
+        return self.upscale_image(image_from_dataset(ds), dicom_syntax=dicom_syntax).dataset
 
 
 def _config(config: TileConfig | None, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:

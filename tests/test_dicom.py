@@ -12,7 +12,7 @@ pydicom = pytest.importorskip("pydicom")
 
 from conftest import SECRET_ID, SECRET_NAME, make_cr  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
+from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 from medsr.io import (  # noqa: E402
     ImageReadError,
@@ -104,7 +104,8 @@ def test_derived_attributes(cr):
     ds = derive_dicom(src, upscaled(cr, 2), 2, "realesrgan-x2@abc")
     assert ds.SOPInstanceUID != src.SOPInstanceUID and ds.SeriesInstanceUID != src.SeriesInstanceUID
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.file_meta.TransferSyntaxUID == JPEG2000Lossless  # lossless compressed by default
+    np.testing.assert_array_equal(ds.pixel_array, upscaled(cr, 2))
     assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.SOPClassUID == src.SOPClassUID
     assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert (ds.Rows, ds.Columns) == (src.Rows * 2, src.Columns * 2)
@@ -177,7 +178,7 @@ def test_write_and_read_back(cr, tmp_path):
     out = make_output(cr, px, 2, "m")
     path = write_image(out, tmp_path / "out.dcm")
     back = pydicom.dcmread(path)
-    assert back.preamble is not None and back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert back.preamble is not None and back.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert back.SOPInstanceUID == out.dataset.SOPInstanceUID
     np.testing.assert_array_equal(back.pixel_array, px)
     again = read_image(path)
@@ -218,13 +219,6 @@ def test_short_pixel_data(tmp_path):
     assert str(path) in str(ei.value) and "SECRET" not in str(ei.value)
 
 
-def test_multiframe_rejected(tmp_path):
-    ds = make_cr()
-    ds.set_pixel_data(np.zeros((2, 4, 4), np.uint16), "MONOCHROME2", 12, generate_instance_uid=False)
-    with pytest.raises(ImageReadError, match="multi-frame"):
-        read_image(save(ds, tmp_path / "mf.dcm"))
-
-
 def test_patient_data_never_logged(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG):
         img = read_image(save(make_cr("MONOCHROME1"), tmp_path / "p.dcm"))
@@ -260,7 +254,7 @@ def test_shared_j2k_decodes(shared_data):
     out = derive_dicom(lossy.dataset, np.repeat(np.repeat(small, 2, 0), 2, 1), 2, "m")
     assert out.LossyImageCompression == "01"
     assert out.LossyImageCompressionRatio == lossy.dataset.LossyImageCompressionRatio
-    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert out.file_meta.TransferSyntaxUID == JPEG2000Lossless
 
 
 def test_shared_jpeg_baseline_dicom(shared_data):

@@ -157,10 +157,13 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse inputs with more LR pixels than this, read from the header before decoding "
                    "[default: 50000000].")
+@click.option("--dicom-syntax", default=None, callback=lambda ctx, param, v: _check_syntax(v),
+              help="DICOM output transfer syntax: jpeg2000-lossless (default; RLE for images under 32 px), rle, "
+                   "explicit-le (uncompressed) or jpeg2000-lossy[:RATIO] (lossy, marked as such; default ratio 10).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
-         overwrite: bool, max_pixels: int | None, quiet: bool) -> None:
+         overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -215,7 +218,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
             continue
         try:
-            up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar))
+            up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar),
+                            dicom_syntax=dicom_syntax)
         except FileExistsError:
             summary.skipped += 1
             continue
@@ -258,6 +262,16 @@ def _bar_progress(bar):  # type: ignore[no-untyped-def]
             bar.refresh()
 
     return progress
+
+
+def _check_syntax(value: str | None) -> str | None:
+    from medsr.io.dicom_derive import parse_syntax
+
+    try:
+        parse_syntax(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--dicom-syntax") from None
+    return value
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -27,12 +27,21 @@ if TYPE_CHECKING:
 
 
 def derive_dicom(
-    src_ds: Any, pixels: np.ndarray, scale: int, model_id: str, *, now: datetime | None = None
+    src_ds: Any,
+    pixels: np.ndarray,
+    scale: int,
+    model_id: str,
+    *,
+    weights_sha256: str | None = None,
+    syntax: Any = None,
+    now: datetime | None = None,
+    source_pixels: np.ndarray | None = None,
 ) -> Any:
-    """The derived DICOM dataset (see :func:`medsr.io.dicom.derive_dicom`); pydicom loads lazily."""
-    from medsr.io.dicom import derive_dicom as _derive
+    """The derived DICOM instance (see :func:`medsr.io.dicom_derive.derive_dicom`); pydicom loads lazily."""
+    from medsr.io.dicom_derive import derive_dicom as _derive
 
-    return _derive(src_ds, pixels, scale, model_id, now=now)
+    return _derive(src_ds, pixels, scale, model_id, weights_sha256=weights_sha256, syntax=syntax, now=now,
+                   source_pixels=source_pixels)
 
 
 __all__ = [

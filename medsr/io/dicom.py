@@ -1,21 +1,18 @@
-"""DICOM reading (pydicom; compressed transfer syntaxes via the pylibjpeg plugins) and the derived
-output dataset.
+"""DICOM reading (pydicom; compressed transfer syntaxes via the pylibjpeg plugins) and writing.
 
 Policy (see docs/io.md): the model works on *stored* values (Rescale, windowing and LUTs are kept
-unchanged, they still apply); the output is a new instance in a new series whose UIDs are derived
-deterministically from the source UIDs and the model id; it is written uncompressed (Explicit VR
-Little Endian). Patient/study attributes are copied, never logged or put into messages.
+unchanged, they still apply); the output is a new derived instance built by
+:mod:`medsr.io.dicom_derive` (UIDs from the source UIDs, the weights' sha256 and the scale;
+JPEG 2000 lossless by default). Multi-frame images are decoded one frame at a time
+(:func:`iter_frames`). Patient/study attributes are copied, never logged or put into messages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import logging
 import warnings
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +158,8 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
         ) from None
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     ts_name = getattr(tsyntax, "name", str(tsyntax))
-    if frames != 1:
-        raise ImageReadError(f"{where}: multi-frame DICOM ({frames} frames) is not supported")
+    if frames < 1:
+        raise ImageReadError(f"{where}: invalid NumberOfFrames {frames}")
     if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
         raise ImageReadError(
             f"{where}: unsupported DICOM bit depth (BitsAllocated {bits_alloc}, BitsStored {bits_stored}); "
@@ -197,14 +194,50 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
                 f"{where}: pixel data is {got} bytes, expected {expected} for {ds.Rows}x{ds.Columns}x{samples} at "
                 f"{bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated do not match the data"
             )
+    arr = _decode_frame(ds, 0 if frames > 1 else None, where, ts_name)
+    arr = _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
+    meta: dict[str, Any] = {
+        "bits_stored": bits_stored,
+        "bits_allocated": arr.dtype.itemsize * 8,
+        "signed": bool(pixel_rep),
+        "transfer_syntax": str(tsyntax) if tsyntax else None,
+        "transfer_syntax_name": ts_name,
+        "source_photometric": photometric,
+        "rescale": (_number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)),
+    }
+    if frames > 1:
+        meta["frames"] = frames  # Image.pixels holds frame 0; iter_frames() decodes them one by one
+    img = Image(
+        pixels=arr,
+        format="dicom",
+        max_value=2**bits_stored - 1,
+        photometric="RGB" if samples == 3 else photometric,
+        path=path,
+        dataset=ds,
+        meta=meta,
+    )
+    log.debug("%s: DICOM %s, BitsStored %d, %s", where, ts_name, bits_stored, img.photometric)
+    return img
+
+
+def _decode_frame(ds: Any, index: int | None, where: object, ts_name: str) -> np.ndarray:
+    """One frame (``index``) or the whole single-frame image (``None``); YBR is converted to RGB."""
     try:
-        arr = ds.pixel_array  # YBR is converted to RGB by pydicom
+        if index is None:
+            return ds.pixel_array
+        from pydicom.pixels import pixel_array
+
+        return pixel_array(ds, index=index)
     except Exception as e:  # missing plugin, corrupt codestream, short pixel data
         detail = str(e).splitlines()[0][:200] if str(e) else ""
+        frame = f" frame {index + 1}" if index is not None else ""
         raise ImageReadError(
-            f"{where}: cannot decode DICOM pixel data ({ts_name}): corrupt, truncated or not in that transfer "
+            f"{where}: cannot decode DICOM pixel data{frame} ({ts_name}): corrupt, truncated or not in that transfer "
             f"syntax ({type(e).__name__}{': ' + detail if detail else ''})"
         ) from None
+
+
+def _to_stored(arr: np.ndarray, where: object, bits_alloc: int, bits_stored: int, pixel_rep: int) -> np.ndarray:
     want = np.int16 if pixel_rep else np.uint16
     if bits_alloc == 8:
         want = np.int8 if pixel_rep else np.uint8
@@ -220,26 +253,25 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
     if amin < lo or amax > hi:  # values outside BitsStored (bad encoder): clip, say so (no values)
         log.warning("%s: pixel values exceed BitsStored %d; clipped", where, bits_stored)
         np.clip(arr, lo, hi, out=arr)
-    meta: dict[str, Any] = {
-        "bits_stored": bits_stored,
-        "bits_allocated": arr.dtype.itemsize * 8,
-        "signed": bool(pixel_rep),
-        "transfer_syntax": str(tsyntax) if tsyntax else None,
-        "transfer_syntax_name": ts_name,
-        "source_photometric": photometric,
-        "rescale": (_number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)),
-    }
-    img = Image(
-        pixels=arr,
-        format="dicom",
-        max_value=2**bits_stored - 1,
-        photometric="RGB" if samples == 3 else photometric,
-        path=path,
-        dataset=ds,
-        meta=meta,
-    )
-    log.debug("%s: DICOM %s, BitsStored %d, %s", where, ts_name, bits_stored, img.photometric)
-    return img
+    return arr
+
+
+def iter_frames(img: Image) -> Iterator[np.ndarray]:
+    """The stored frames of a DICOM ``img`` one at a time (decoded on demand: bounded memory), with
+    the same conversions as :func:`read_dicom`. A single-frame image yields its pixels."""
+    n = img.frames
+    if n == 1 or img.dataset is None:
+        yield img.pixels
+        return
+    ds = img.dataset
+    where = img.path if img.path is not None else "<dataset>"
+    bits_alloc, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+    pixel_rep = int(ds.get("PixelRepresentation", 0))
+    ts_name = str(img.meta.get("transfer_syntax_name", ""))
+    for i in range(n):
+        with _quiet(where):
+            arr = img.pixels if i == 0 else _decode_frame(ds, i, where, ts_name)
+            yield arr if i == 0 else _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
 
 
 def _number(ds: Any, keyword: str, default: float) -> float:
@@ -253,163 +285,18 @@ def _number(ds: Any, keyword: str, default: float) -> float:
 # ---------------------------------------------------------------------------------------- derive
 
 
-def derived_uids(src_ds: Any, model_id: str, scale: int) -> tuple[str, str]:
-    """(SOPInstanceUID, SeriesInstanceUID) for the output: deterministic in (source UIDs, model id,
-    scale), different from the source's. Source without UIDs: the pixel data hash stands in."""
-    from pydicom.uid import generate_uid
+def derived_uids(src_ds: Any, model_id: str, scale: int, **kw: Any) -> tuple[str, str]:
+    """See :func:`medsr.io.dicom_derive.derived_uids`."""
+    from medsr.io.dicom_derive import derived_uids as _uids
 
-    sop = str(src_ds.get("SOPInstanceUID", "") or "")
-    series = str(src_ds.get("SeriesInstanceUID", "") or "")
-    if not sop:
-        data = src_ds.get("PixelData", b"") or b""
-        sop = "sha256:" + hashlib.sha256(data).hexdigest()
-    if not series:
-        series = "series-of:" + sop
-    new_sop = generate_uid(UID_PREFIX, entropy_srcs=[SOFTWARE, "sop", sop, model_id, str(scale)])
-    new_series = generate_uid(UID_PREFIX, entropy_srcs=[SOFTWARE, "series", series, model_id, str(scale)])
-    return str(new_sop), str(new_series)
+    return _uids(src_ds, model_id, scale, **kw)
 
 
-def _ds_list(value: Any) -> list[float]:
-    if value is None:
-        return []
-    if isinstance(value, (str, bytes, int, float)) or not hasattr(value, "__iter__"):
-        return [float(value)]
-    return [float(v) for v in value]
+def derive_dicom(src_ds: Any, pixels: np.ndarray, scale: int, model_id: str, **kw: Any) -> Any:
+    """See :func:`medsr.io.dicom_derive.derive_dicom`."""
+    from medsr.io.dicom_derive import derive_dicom as _derive
 
-
-def _scale_spacing(ds: Any, keyword: str, scale: int) -> None:
-    from pydicom.valuerep import format_number_as_ds
-
-    if keyword in ds and ds[keyword].value not in (None, "", []):
-        values = _ds_list(ds[keyword].value)
-        ds[keyword].value = [format_number_as_ds(v / scale) for v in values]
-
-
-def _scale_shutters(ds: Any, scale: int) -> None:
-    """Display shutter coordinates are in pixels (1-based): map them to the upscaled grid."""
-
-    def edge(kw: str, first: bool) -> None:
-        if kw in ds and ds[kw].value not in (None, ""):
-            v = int(ds[kw].value)
-            ds[kw].value = (v - 1) * scale + 1 if first else v * scale
-
-    edge("ShutterLeftVerticalEdge", True)
-    edge("ShutterRightVerticalEdge", False)
-    edge("ShutterUpperHorizontalEdge", True)
-    edge("ShutterLowerHorizontalEdge", False)
-    for kw in ("CenterOfCircularShutter", "VerticesOfThePolygonalShutter"):
-        if kw in ds and ds[kw].value not in (None, ""):
-            ds[kw].value = [int(round((float(v) - 0.5) * scale + 0.5)) for v in _ds_list(ds[kw].value)]
-    if "RadiusOfCircularShutter" in ds and ds.RadiusOfCircularShutter not in (None, ""):
-        ds.RadiusOfCircularShutter = int(ds.RadiusOfCircularShutter) * scale
-
-
-def derive_dicom(
-    src_ds: Any, pixels: np.ndarray, scale: int, model_id: str, *, now: datetime | None = None
-) -> Any:
-    """The derived (super-resolved) dataset for ``pixels`` (stored values, ``scale`` x the source
-    size, same dtype/BitsStored/photometric as the source as returned by :func:`read_dicom`).
-
-    See docs/io.md for the attributes set. The source dataset is not modified. ``now`` (default:
-    the current local time) sets Content/Instance Creation Date and Time.
-    """
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, not {scale}")
-    rows, cols = int(src_ds.Rows), int(src_ds.Columns)
-    if pixels.shape[:2] != (rows * scale, cols * scale):
-        raise ValueError(
-            f"pixels are {pixels.shape[:2]}, expected {(rows * scale, cols * scale)} for x{scale}"
-        )
-
-    src_photometric = str(src_ds.PhotometricInterpretation).strip().upper()
-    photometric = "RGB" if int(src_ds.SamplesPerPixel) == 3 else src_photometric
-    bits_stored = int(src_ds.get("BitsStored", src_ds.BitsAllocated))
-    signed = bool(int(src_ds.get("PixelRepresentation", 0)))
-    if pixels.dtype.kind not in "ui" or pixels.dtype.itemsize not in (1, 2):
-        raise ValueError(f"pixels must be uint8/uint16/int16, not {pixels.dtype}")
-    if signed != (pixels.dtype.kind == "i"):
-        raise ValueError(f"pixels dtype {pixels.dtype} does not match PixelRepresentation {int(signed)}")
-    bits_stored = min(bits_stored, pixels.dtype.itemsize * 8)
-    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
-    pixels = np.clip(pixels, lo, hi).astype(pixels.dtype, copy=False)
-
-    with _quiet("derive_dicom"):
-        return _derive(src_ds, pixels, scale, model_id, photometric, src_photometric, bits_stored, now)
-
-
-def _derive(
-    src_ds: Any,
-    pixels: np.ndarray,
-    scale: int,
-    model_id: str,
-    photometric: str,
-    src_photometric: str,
-    bits_stored: int,
-    now: datetime | None,
-) -> Any:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-
-    ds = Dataset()
-    for elem in src_ds:
-        if elem.tag in _PIXEL_TAGS:
-            continue
-        if 0x60000000 <= elem.tag <= 0x601EFFFF and elem.tag.group % 2 == 0:
-            continue  # overlay planes are in source pixel units: dropped (docs/io.md)
-        ds.add(copy.deepcopy(elem))
-
-    new_sop, new_series = derived_uids(src_ds, model_id, scale)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = src_ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
-    ds.file_meta.MediaStorageSOPInstanceUID = new_sop
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    if "SOPClassUID" not in ds:
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = new_sop
-    ds.SeriesInstanceUID = new_series
-
-    # pixel module: Rows/Columns, BitsAllocated/Stored/HighBit, PixelRepresentation, PixelData
-    ds.set_pixel_data(np.ascontiguousarray(pixels), photometric, bits_stored, generate_instance_uid=False)
-    if photometric != src_photometric:
-        log.debug("derived DICOM: %s source written as %s", src_photometric, photometric)
-
-    old_type = [str(v) for v in _as_list(src_ds.get("ImageType", []))]
-    ds.ImageType = ["DERIVED", "SECONDARY", *old_type[2:]]
-    for kw in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        _scale_spacing(ds, kw, scale)
-    _scale_shutters(ds, scale)
-
-    desc = f"Super-resolution x{scale} ({SOFTWARE}, model {model_id}): spatial resampling by a neural network"
-    old_desc = str(src_ds.get("DerivationDescription", "") or "")
-    ds.DerivationDescription = (f"{old_desc}; {desc}" if old_desc else desc)[:1024]
-    ds.DerivationCodeSequence = Sequence([_code_item("113085", "DCM", "Spatial resampling")])
-
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = src_ds.get("SOPClassUID", ds.SOPClassUID)
-    ref.ReferencedSOPInstanceUID = src_ds.get("SOPInstanceUID", "")
-    ref.PurposeOfReferenceCodeSequence = Sequence(
-        [_code_item("121322", "DCM", "Source image for image processing operation")]
-    )
-    ref.SpatialLocationsPreserved = "NO"
-    ds.SourceImageSequence = Sequence([ref])
-
-    stamp = now or datetime.now()
-    ds.ContentDate = ds.InstanceCreationDate = stamp.strftime("%Y%m%d")
-    ds.ContentTime = ds.InstanceCreationTime = stamp.strftime("%H%M%S.%f")
-
-    series_desc = str(src_ds.get("SeriesDescription", "") or "")
-    tag = f" [SR x{scale}]"
-    ds.SeriesDescription = (series_desc[: 64 - len(tag)] + tag).strip()
-
-    # lossy history: once lossy, always "01" (ratio/method copied with the dataset)
-    ts = str(src_ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(src_ds, "file_meta") else ""
-    if str(src_ds.get("LossyImageCompression", "")) != "01" and ts in _LOSSY_TS:
-        ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionMethod = _LOSSY_TS[ts]
-    return ds
+    return _derive(src_ds, pixels, scale, model_id, **kw)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -427,7 +314,9 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def write_dicom(img: Image, tmp: Path) -> None:
-    """Write the (derived) dataset of ``img`` uncompressed (Explicit VR Little Endian)."""
+    """Write the derived dataset of ``img`` as a Part 10 file in its transfer syntax. A single-frame
+    Image whose pixels changed since the dataset was derived is re-encoded from ``img.pixels``
+    (same syntax), so that the file always holds what the Image holds."""
     ds = img.dataset
     if ds is None:
         raise ImageWriteError("DICOM output needs img.dataset (use make_output/derive_dicom)")
@@ -438,13 +327,11 @@ def write_dicom(img: Image, tmp: Path) -> None:
         raise ImageWriteError(
             f"pixels {img.pixels.shape[:2]} do not match the dataset's Rows/Columns {expected}"
         )
-    lo, hi = img.value_range
-    pixels = np.clip(img.pixels, lo, hi).astype(img.pixels.dtype, copy=False)
-    ds.set_pixel_data(  # refresh from img.pixels so that the file always holds what the Image holds
-        np.ascontiguousarray(pixels),
-        str(ds.PhotometricInterpretation),
-        img.bits_stored,
-        generate_instance_uid=False,
-    )
+    if img.frames == 1:
+        from medsr.io.dicom_derive import pixels_digest, reencode
+
+        if img.meta.get("dicom_pixels_digest") != pixels_digest(img.pixels):
+            with _quiet(tmp):
+                reencode(ds, img.pixels, img.meta.get("dicom_syntax"))
     with _quiet(tmp):
         ds.save_as(tmp, enforce_file_format=True)

@@ -66,6 +66,11 @@ class Image:
         return self.pixels.dtype
 
     @property
+    def frames(self) -> int:
+        """Number of frames (multi-frame DICOM; ``pixels`` then holds the first frame only)."""
+        return int(self.meta.get("frames", 1))
+
+    @property
     def bits_stored(self) -> int:
         """Significant bits per sample (BitsStored for DICOM, the container depth otherwise)."""
         return int(self.meta.get("bits_stored", self.pixels.dtype.itemsize * 8))
@@ -135,7 +140,10 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def sniff_format(head: bytes) -> str | None:
-    """Format from the first 132+ bytes of a file, or None when no signature matches."""
+    """Format from the first 132+ bytes of a file, or None when no signature matches. ``DICM`` at
+    offset 128 wins: a DICOM preamble may itself hold a TIFF header (dual-format files)."""
+    if head[128:132] == b"DICM":
+        return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -295,12 +303,24 @@ def float_to_stored(strip: np.ndarray, like: Image) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- output
 
 
-def make_output(src: Image, pixels: np.ndarray, scale: int, model_id: str) -> Image:
+def make_output(
+    src: Image,
+    pixels: np.ndarray,
+    scale: int,
+    model_id: str,
+    *,
+    weights_sha256: str | None = None,
+    dicom_syntax: Any = None,
+) -> Image:
     """The output Image for ``pixels`` (already stored dtype/layout, ``scale`` x the input size):
     same format, bit depth and photometric as ``src``; for DICOM a derived dataset
-    (:func:`medsr.io.dicom.derive_dicom`)."""
+    (:func:`medsr.io.dicom_derive.derive_dicom`: UIDs from the source, ``weights_sha256`` and the
+    scale; encoded in ``dicom_syntax``, default JPEG 2000 lossless). Multi-frame DICOM goes through
+    :func:`medsr.io.dicom_derive.derive_frames` instead."""
     if pixels.dtype != src.dtype:
         raise ValueError(f"output pixels are {pixels.dtype}, expected the input's {src.dtype}")
+    if src.frames != 1:
+        raise ValueError(f"a {src.frames}-frame DICOM is upscaled frame by frame (medsr.io.dicom_derive.derive_frames)")
     if pixels.shape[:2] != (src.height * scale, src.width * scale) or (pixels.ndim == 3) != (
         src.pixels.ndim == 3
     ):
@@ -317,9 +337,14 @@ def make_output(src: Image, pixels: np.ndarray, scale: int, model_id: str) -> Im
         meta["tiff_resolution"] = (float(res[0]) * scale, float(res[1]) * scale)
     dataset = None
     if src.format == "dicom":
-        from medsr.io.dicom import derive_dicom
+        from medsr.io.dicom_derive import derive_dicom, finish_pixels, pixels_digest
 
-        dataset = derive_dicom(src.dataset, pixels, scale, model_id)
+        pixels = finish_pixels(src.dataset, src.pixels, pixels, scale)  # BitsStored clip, pixel padding
+        dataset = derive_dicom(
+            src.dataset, pixels, scale, model_id, weights_sha256=weights_sha256, syntax=dicom_syntax
+        )
+        meta["dicom_syntax"] = dataset._medsr_syntax
+        meta["dicom_pixels_digest"] = pixels_digest(pixels)
     return Image(
         pixels=pixels,
         format=src.format,
