@@ -66,7 +66,7 @@ def main() -> None:
         t_whole = time.perf_counter() - t0
         for tile in args.tiles:
             for overlap, halo in grid:
-                if overlap >= tile // 2 or 2 * halo > overlap:
+                if 2 * overlap > tile or 2 * halo > overlap:
                     continue
                 cfg = TileConfig(tile=tile, overlap=overlap, halo=halo, batch=4)
                 t0 = time.perf_counter()

@@ -125,14 +125,19 @@ def _drop_collisions(w: Walk) -> None:
     w.jobs = [j for j in w.jobs if id(j) not in clash]
 
 
-def _load_upscaler(engine: str | None, model: str | None, runtime: str, precision: str | None, **kw: object):
+def _load_upscaler(engine: str | None, model: str | None, runtime: str, precision: str | None, device: str,
+                   compile: bool = False, **kw: object):
     from medsr.api import Upscaler
+    from medsr.runtime.engines import auto_runtime
+    from medsr.weights import DEFAULT_MODEL
 
-    if engine or runtime not in ("auto", "torch"):
-        from medsr.weights import DEFAULT_MODEL
-
-        return Upscaler.from_engine(engine or model or DEFAULT_MODEL, runtime=runtime, precision=precision, **kw)  # type: ignore[arg-type]
-    return Upscaler.from_pretrained(model, precision=precision or "fp32", **kw)  # type: ignore[arg-type]
+    spec = engine or model or DEFAULT_MODEL
+    if runtime == "auto":
+        runtime = "torch" if compile else auto_runtime(spec, device, precision)
+    if runtime == "torch":
+        return Upscaler.from_pretrained(spec if (engine or model) else None, device=device, precision=precision or "fp32",
+                                        compile=compile, **kw)  # type: ignore[arg-type]
+    return Upscaler.from_engine(spec, runtime=runtime, device=device, precision=precision, **kw)  # type: ignore[arg-type]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,8 +196,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
     try:
-        kw: dict[str, object] = {"compile": True} if compile_ else {}
-        up = _load_upscaler(engine, model, runtime, precision, device=device, config=config, **kw)
+        up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
     except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
         click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
         sys.exit(2)

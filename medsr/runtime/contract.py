@@ -27,7 +27,7 @@ from medsr.runtime.backend import BackendError, TileLimits
 #: 4x RRDB batch on an 8 GB GPU. See docs/runtime.md for the seam curve behind overlap and halo.
 DEFAULT_TILE = 256
 #: LR pixels shared by neighbouring tiles (halo dropped at each interior edge + raised-cosine blend zone)
-DEFAULT_OVERLAP = 16
+DEFAULT_OVERLAP = 32
 #: tiles per backend call on a GPU when neither the caller nor the backend says otherwise
 DEFAULT_BATCH = 4
 #: tiles per call on the CPU: batching gains nothing there, and each tile's 4x activations (~0.2 GB per

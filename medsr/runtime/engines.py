@@ -21,6 +21,22 @@ from medsr.runtime.contract import PRECISIONS, engine_kind, fp16_path_for, fp32_
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 
 
+def auto_runtime(path: str | os.PathLike[str], device: str | Any = "auto", precision: str | None = None) -> str:
+    """What ``runtime="auto"`` runs: the file type's engine, except weights on the CPU, which run on OpenVINO
+    (the fastest CPU path within 0.5/255 of PyTorch fp32, see docs/benchmarks.md) when it is installed."""
+    from medsr.runtime.backend import resolve_device
+
+    kind = engine_kind(path)
+    if kind != "weights":
+        return {"tensorrt": "tensorrt", "onnx": "onnxruntime", "openvino": "openvino"}[kind]
+    import importlib.util
+
+    cpu = resolve_device(device).type == "cpu"
+    if cpu and precision in (None, "fp32", "bf16") and importlib.util.find_spec("openvino") is not None:
+        return "openvino"
+    return "torch"
+
+
 def _open_onnx(path: Path, precision: str | None, **kwargs: Any) -> Backend:
     """ONNX Runtime on ``path``, or on its fp32/fp16 sibling (``x.onnx`` <-> ``x.fp16.onnx``) when the asked
     precision is the sibling's; BackendError when neither runs ``precision`` (read from the metadata)."""
