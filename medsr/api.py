@@ -285,7 +285,7 @@ def _config(config: TileConfig | None, tile: int | None, overlap: int | None, ba
         if (tile, overlap, batch) != (None, None, None):
             raise ValueError("give config= or tile/overlap/batch, not both")
         return config
-    d = TileConfig()
-    return TileConfig(
-        tile=d.tile if tile is None else tile, overlap=d.overlap if overlap is None else overlap, batch=batch
-    )
+    from medsr.runtime.contract import default_overlap
+
+    t = TileConfig().tile if tile is None else tile
+    return TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch)

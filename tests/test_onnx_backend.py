@@ -118,8 +118,8 @@ def test_tensorrt_provider_gets_one_explicit_profile(x2_gray: tuple[torch.nn.Mod
     b = OnnxRuntimeBackend(path, device="cpu", batch=4)
     assert b.tile_limits().max_hw is None  # CPU: any tile
     opts = b._trt_options()  # what the TensorRT EP would be given (not runnable here)
-    assert opts["trt_profile_min_shapes"] == "input:1x1x32x32"
+    assert opts["trt_profile_min_shapes"] == "input:1x1x64x64"  # 2 x the default overlap (32)
     assert opts["trt_profile_opt_shapes"] == "input:4x1x256x256"
     assert opts["trt_profile_max_shapes"] == "input:8x1x256x256"
     lim = b.tile_limits()  # the tiled runtime then stays inside that profile
-    assert (lim.min_hw, lim.max_hw, lim.max_batch, lim.multiple) == ((32, 32), (256, 256), 8, 2)
+    assert (lim.min_hw, lim.max_hw, lim.max_batch, lim.multiple) == ((64, 64), (256, 256), 8, 2)

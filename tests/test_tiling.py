@@ -168,8 +168,8 @@ def test_image_smaller_than_tile_is_padded():
 
 def test_fit_shrinks_tiles_without_adding_any():
     for hw in [(1024, 1024), (3000, 2500), (512, 300), (45, 30)]:
-        fixed = plan_tiles(*hw, TileConfig(fit=False))
-        fitted = plan_tiles(*hw, TileConfig())
+        fixed = plan_tiles(*hw, TileConfig(overlap=16, fit=False))  # geometry at a pinned overlap
+        fitted = plan_tiles(*hw, TileConfig(overlap=16))
         assert fitted.num_tiles == fixed.num_tiles
         assert fitted.tile_hw[0] <= 256 and fitted.tile_hw[1] <= 256
         assert fitted.extra_pixel_ratio <= fixed.extra_pixel_ratio
@@ -179,7 +179,7 @@ def test_fit_shrinks_tiles_without_adding_any():
             tile = fitted.tile_hw[0] if ax is fitted.y_axis else fitted.tile_hw[1]
             assert all(b - a <= tile - 16 for a, b in zip(starts, starts[1:], strict=False))
     # 1024 px: 5 tiles of 218 instead of 5 of 256 (13 % instead of 56 % extra pixels)
-    plan = plan_tiles(1024, 1024, TileConfig())
+    plan = plan_tiles(1024, 1024, TileConfig(overlap=16))
     assert plan.tile_hw == (218, 218) and plan.extra_pixel_ratio < 0.14
     # small images are not padded up to a whole tile; size multiple and engine minimum still hold
     assert plan_tiles(100, 77, TileConfig()).padded_hw == (100, 77)

@@ -185,11 +185,12 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     from medsr.fsutil import remove_stale_temps
     from medsr.io import DEFAULT_MAX_PIXELS
     from medsr.runtime import TileConfig, plan_tiles
+    from medsr.runtime.contract import default_overlap
 
     d = TileConfig()
     try:  # the one TileConfig of the run, checked before the model loads
-        config = TileConfig(tile=d.tile if tile is None else tile, overlap=d.overlap if overlap is None else overlap,
-                            batch=batch)
+        t = d.tile if tile is None else tile
+        config = TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     walk = collect_jobs(list(inputs), outdir)

@@ -40,6 +40,11 @@ def default_batch(device: torch.device | str) -> int:
     return DEFAULT_BATCH if torch.device(device).type == "cuda" else DEFAULT_CPU_BATCH
 
 
+def default_overlap(tile: int) -> int:
+    """The overlap when only a tile is given: :data:`DEFAULT_OVERLAP`, at most half the tile (a multiple of 4)."""
+    return max(0, min(DEFAULT_OVERLAP, (tile // 2) // 4 * 4))
+
+
 def default_halo(overlap: int) -> int:
     """LR pixels dropped at each interior tile edge before blending, when ``TileConfig.halo`` is None."""
     return overlap // 4
