@@ -180,28 +180,9 @@ class Upscaler:
         out = np.empty((hwc.shape[0] * s, hwc.shape[1] * s, hwc.shape[2]), dtype=out_dtype)
         with self._lock:
             b = self.backend_for(hwc.shape[2])
-            upscale_array(b, hwc, self.config, out=out, on_tiles=self._counter(b, hwc.shape, progress))
+            upscale_array(b, hwc, self.config, out=out, progress=progress)
             self.lr_pixels += hwc.shape[0] * hwc.shape[1]
         return out if arr.ndim == 3 else out[..., 0]
-
-    def _counter(
-        self, backend: Backend, shape: tuple[int, ...], progress: Callable[[int, int], object] | None
-    ) -> Callable[[int], object] | None:
-        """Adapt ``progress(done, total)`` to the runtime's per-call ``on_tiles(n)``."""
-        if progress is None:
-            return None
-        from medsr.runtime import plan_tiles
-
-        total = plan_tiles(int(shape[0]), int(shape[1]), self.config, backend.tile_limits(), backend.preferred_batch).num_tiles
-        done = 0
-        progress(0, total)
-
-        def on_tiles(n: int) -> None:
-            nonlocal done
-            done += n
-            progress(done, total)
-
-        return on_tiles
 
     # medsr.io images ---------------------------------------------------------------------------
     def upscale_image(
@@ -242,7 +223,7 @@ class Upscaler:
             b = self.backend_for(x.shape[2])
             upscale_array(
                 b, x, self.config, out=out, convert=lambda strip: float_to_stored(strip, img),
-                on_tiles=self._counter(b, x.shape, progress),
+                progress=progress,
             )
             self.lr_pixels += img.height * img.width
         return out

@@ -90,7 +90,7 @@ def test_ssim_matches_naive_valid_window_reference(rng):
 
 
 def test_ssim_matches_skimage_when_installed(rng):
-    metrics = pytest.importorskip("skimage.metrics")
+    metrics = pytest.importorskip("skimage.metrics", reason="scikit-image (a dev dependency) is not installed")
     a = smooth_image(rng, 48, 48)[..., 0].astype(np.float64)
     b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
     ref = metrics.structural_similarity(a * 255, b * 255, data_range=255, gaussian_weights=True, sigma=1.5,

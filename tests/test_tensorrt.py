@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import tiny_rrdb
 
-from medsr.export.tensorrt import make_sidecar, profile_for_tiles, tensorrt_status, write_sidecar
+from medsr.export.tensorrt import tensorrt_status
 from medsr.runtime.backend import BackendError
+from medsr.runtime.contract import make_sidecar, profile_for_tiles, write_sidecar
 from medsr.runtime.engines import open_backend
 from medsr.runtime.trt_backend import check_batch_shape
 

@@ -234,12 +234,13 @@ def test_plan_validation():
 
 def test_partial_batches_and_progress(rng):
     b = NearestBackend(scale=2)
-    done: list[int] = []
+    done: list[tuple[int, int]] = []
     img = rng.random((30, 50, 1), dtype=np.float32)
     cfg = TileConfig(tile=16, overlap=4, batch=3)
     plan = plan_tiles(30, 50, cfg)
-    out = upscale_array(b, img, cfg, on_tiles=done.append)
-    assert sum(done) == plan.num_tiles == sum(b.calls) == 12
+    out = upscale_array(b, img, cfg, progress=lambda d, t: done.append((d, t)))
+    assert done[-1] == (plan.num_tiles, plan.num_tiles) and plan.num_tiles == sum(b.calls) == 12
+    assert [d for d, _ in done] == [0, *np.cumsum(b.calls)]  # one report per backend call
     assert b.calls == [3, 1] * 3  # 4 columns per strip -> batches of 3 and 1
     np.testing.assert_allclose(out, _whole(b, img), atol=1e-6)
 
@@ -288,7 +289,7 @@ gc.collect()
 base = _anon_rss()
 peak = 0
 
-def sample(_=0):
+def sample(*_):
     global peak
     peak = max(peak, _anon_rss() - base)
 
@@ -297,7 +298,7 @@ def convert(strip):
     return to_u16(strip)
 
 upscale_array(NearestBackend(scale=4), img, TileConfig(tile=128, overlap=16, batch=4), out=out,
-              convert=convert, on_tiles=sample)
+              convert=convert, progress=sample)
 out.flush()
 print(json.dumps({"peak": peak, "corners": [int(out[0, 0]), int(out[-1, -1]), int(out[3000, 1234])]}))
 """

@@ -44,8 +44,9 @@ def main(
     """Export a super-resolution model to ONNX and build a TensorRT engine (when TensorRT and a GPU exist)."""
     from medsr.arch import fold_to_gray
     from medsr.export import export_onnx, fp16_path_for, get_recipe
-    from medsr.export.tensorrt import build_engine, profile_for_tiles, tensorrt_status
+    from medsr.export.tensorrt import build_engine, tensorrt_status
     from medsr.runtime.backend import BackendError
+    from medsr.runtime.contract import profile_for_tiles
     from medsr.weights import load_model
 
     if model_name and weights:

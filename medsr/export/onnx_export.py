@@ -23,27 +23,18 @@ from torch import nn
 from medsr.arch.descriptor import ModelDescriptor
 from medsr.export.fp16 import IOWrapper, find_overflowing_modules, half_model
 from medsr.export.parity import ParityReport, check_parity, default_inputs
-from medsr.fsutil import sha256_file
 from medsr.runtime.backend import BackendError
 from medsr.runtime.contract import (
     INPUT_NAME,
     META_PREFIX,
     OUTPUT_NAME,
-    descriptor_from_metadata,
-    fp16_path_for,
-    fp32_path_for,
     load_onnx_proto,
     onnx_metadata,
-    read_onnx_metadata,
 )
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 
-__all__ = [  # the contract names are re-exported for callers of medsr.export
-    "INPUT_NAME", "OUTPUT_NAME", "OnnxExport", "check_onnx", "descriptor_from_metadata", "export_onnx",
-    "fp16_path_for", "fp32_path_for", "read_onnx_metadata", "sha256_file",
-]
 
 
 @dataclass

@@ -24,17 +24,10 @@ from medsr.runtime.contract import (
     check_tensorrt_version,
     descriptor_from_metadata,
     make_sidecar,
-    profile_for_tiles,
     read_onnx_metadata,
-    read_sidecar,
     sidecar_path,
     write_sidecar,
 )
-
-__all__ = [  # contract names re-exported for callers of medsr.export
-    "ProfileShapes", "build_engine", "make_sidecar", "profile_for_tiles", "read_sidecar", "sidecar_path",
-    "tensorrt_status", "write_sidecar",
-]
 
 DEFAULT_WORKSPACE_GIB = 4.0
 DEFAULT_OPT_LEVEL = 3

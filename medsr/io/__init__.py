@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medsr.io.image import (
     DEFAULT_MAX_PIXELS,
@@ -20,28 +20,14 @@ from medsr.io.image import (
     write_image,
 )
 
-if TYPE_CHECKING:
-    from datetime import datetime
 
-    import numpy as np
+def __getattr__(name: str) -> Any:
+    """``derive_dicom`` (:func:`medsr.io.dicom_derive.derive_dicom`), imported on first use: pydicom loads lazily."""
+    if name == "derive_dicom":
+        from medsr.io.dicom_derive import derive_dicom
 
-
-def derive_dicom(
-    src_ds: Any,
-    pixels: np.ndarray,
-    scale: int,
-    model_id: str,
-    *,
-    weights_sha256: str | None = None,
-    syntax: Any = None,
-    now: datetime | None = None,
-    source_pixels: np.ndarray | None = None,
-) -> Any:
-    """The derived DICOM instance (see :func:`medsr.io.dicom_derive.derive_dicom`); pydicom loads lazily."""
-    from medsr.io.dicom_derive import derive_dicom as _derive
-
-    return _derive(src_ds, pixels, scale, model_id, weights_sha256=weights_sha256, syntax=syntax, now=now,
-                   source_pixels=source_pixels)
+        return derive_dicom
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,15 +113,10 @@ class OnnxRuntimeBackend(Backend):
             so.intra_op_num_threads = threads
         if self.device.type == "cpu":
             so.enable_cpu_mem_arena = False  # the arena keeps a block per tile shape: GBs of RSS on CPU
-        prov_opts: list[dict[str, str]] = []
-        self._limits = TileLimits()
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])  # metadata
-            meta = metadata_from_map(dict(self.session.get_modelmeta().custom_metadata_map))
-        except Exception as e:
-            raise BackendError(
-                f"{self.path}: not a readable ONNX model ({type(e).__name__}: {e}); re-export it with medsr-export"
-            ) from e
+        trt = "TensorrtExecutionProvider" in self.providers
+        # one session; only the TensorRT EP needs the descriptor (its profile) before the session exists
+        self.session = self._open(ort, so, ["CPUExecutionProvider"] if trt else self.providers, None)
+        meta = metadata_from_map(dict(self.session.get_modelmeta().custom_metadata_map))
         self.metadata = meta
         self.descriptor = descriptor_from_metadata(meta, self.path)
         self.model_id = meta.get("model_id", self.path.stem)
@@ -132,24 +128,27 @@ class OnnxRuntimeBackend(Backend):
                 f"export an x{expect_scale} model with medsr-export"
             )
         self._limits = TileLimits(multiple=self.descriptor.size_multiple)
-        for p in self.providers:
-            if p == "TensorrtExecutionProvider":
-                prov_opts.append(self._trt_options())
-            elif p == "CUDAExecutionProvider":
-                prov_opts.append({"device_id": str(self.device.index or 0), "cudnn_conv_algo_search": "HEURISTIC"})
-            else:
-                prov_opts.append({})
-        if self.providers != ["CPUExecutionProvider"]:
-            try:
-                self.session = ort.InferenceSession(
-                    str(self.path), so, providers=self.providers, provider_options=prov_opts
-                )
-            except Exception as e:
-                raise BackendError(f"{self.path}: ONNX Runtime cannot load the model: {e}") from e
+        if trt:
+            self.session = self._open(ort, so, self.providers, [self._trt_options() if p == "TensorrtExecutionProvider"
+                                                                else self._provider_options(p) for p in self.providers])
         self.active_providers = list(self.session.get_providers())
         check_active_providers(self.path, self.providers, self.active_providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+
+    def _provider_options(self, provider: str) -> dict[str, str]:
+        if provider == "CUDAExecutionProvider":
+            return {"device_id": str(self.device.index or 0), "cudnn_conv_algo_search": "HEURISTIC"}
+        return {}
+
+    def _open(self, ort: Any, so: Any, providers: list[str], options: list[dict[str, str]] | None) -> Any:
+        opts = options if options is not None else [self._provider_options(p) for p in providers]
+        try:
+            return ort.InferenceSession(str(self.path), so, providers=providers, provider_options=opts)
+        except Exception as e:
+            raise BackendError(
+                f"{self.path}: ONNX Runtime cannot load the model ({type(e).__name__}: {e}); re-export it with medsr-export"
+            ) from e
 
     def _trt_options(self) -> dict[str, str]:
         """TensorRT EP: one explicit profile (as medsr-export builds) so fitted tile shapes reuse one engine

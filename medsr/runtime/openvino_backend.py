@@ -92,8 +92,7 @@ class OpenVINOBackend(Backend):
         except Exception as e:
             raise BackendError(f"{self.path or 'model'}: OpenVINO cannot compile the model: {e}") from e
         got = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
-        want = {"fp32": "f32", "bf16": "bf16"}[precision]
-        if want not in got.replace("float32", "f32").replace("bfloat16", "bf16"):
+        if _HINT[precision] not in got.replace("float32", "f32").replace("bfloat16", "bf16"):
             raise BackendError(f"OpenVINO compiled {got} although {precision} was asked; refusing a silent change")
         self._request = self._compiled.create_infer_request()
 

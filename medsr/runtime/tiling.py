@@ -31,7 +31,8 @@ from medsr.runtime.contract import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE,
 log = logging.getLogger(__name__)
 
 ImageLike = np.ndarray | torch.Tensor
-OnTiles = Callable[[int], object]
+#: ``progress(done, total)``: tiles finished so far and the image's tile count, after every backend call
+Progress = Callable[[int, int], object]
 
 
 @dataclass(frozen=True)
@@ -379,13 +380,13 @@ def iter_strips(
     image: ImageLike,
     config: TileConfig,
     *,
-    on_tiles: OnTiles | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Upscale ``image`` (float H x W x C in [0, 1], numpy — memmap fine — or torch) strip by strip.
 
     Yields ``(y0, y1, strip)``: HR rows ``[y0, y1)`` as float32 ``[y1 - y0, W*s, C]`` on
-    ``backend.device``, in order, each output row exactly once. ``on_tiles(n)`` is called with the
-    number of tiles finished after every backend call.
+    ``backend.device``, in order, each output row exactly once. ``progress(done, total)`` is called
+    after every backend call with the tiles finished so far and the image's tile count (0 first).
     """
     img = _as_hwc(image)
     h, w, c = (int(v) for v in img.shape)
@@ -406,6 +407,9 @@ def iter_strips(
     cols = _reflect_index(w, np.arange(wp))
     runner = _Runner(backend)
     carry: torch.Tensor | None = None
+    done_tiles = 0
+    if progress is not None:
+        progress(0, plan.num_tiles)
     try:
         for k, y0 in enumerate(ya.starts):
             a, b = ya.valid[k]
@@ -426,8 +430,9 @@ def iter_strips(
                     x0 = xa.starts[j]
                     piece = out[i, :, ry, (xa0 - x0) * s : (xb0 - x0) * s]
                     acc[:, :, xa0 * s : xb0 * s].addcmul_(piece, wy[k][:, None] * wx[j][None, :])
-                if on_tiles is not None:
-                    on_tiles(len(js))
+                done_tiles += len(js)
+                if progress is not None:
+                    progress(done_tiles, plan.num_tiles)
             nxt = ya.valid[k + 1][0] if k + 1 < len(ya.starts) else b
             done = (nxt - a) * s
             carry = acc[:, done:].clone() if k + 1 < len(ya.starts) else None
@@ -464,7 +469,7 @@ def upscale_array(
     *,
     out: np.ndarray | None = None,
     convert: Callable[[np.ndarray], np.ndarray] | None = None,
-    on_tiles: OnTiles | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Upscale a float H x W x C image in [0, 1] into ``out`` (allocated float32 H*s x W*s x C if None).
 
@@ -484,7 +489,7 @@ def upscale_array(
         allowed = f"{ok}" + (f" or {ok[:2]}" if c_out == 1 else "")
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {allowed}")
     conv = convert or default_convert(out.dtype)
-    for y0, y1, strip in iter_strips(backend, img, config, on_tiles=on_tiles):
+    for y0, y1, strip in iter_strips(backend, img, config, progress=progress):
         host = strip.cpu().numpy() if strip.device.type != "cpu" else strip.numpy()
         dst = out[y0:y1]
         dst[...] = np.asarray(conv(host)).reshape(dst.shape)
