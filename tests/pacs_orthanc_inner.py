@@ -190,6 +190,7 @@ def _derived_series(src: Any) -> str:
 @pytest.mark.timeout(90)
 def test_round_trip_same_study_with_preview(orthanc: Orthanc, node) -> None:
     proc = node.start()
+    orthanc.post("/modalities/medsr/echo", "{}")  # C-ECHO from Orthanc (raises on failure)
     srcs = _study(3, "1.2.826.0.1.3680043.8.498.4242.1")
     assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0, 0, 0]
     got = _wait_derived(orthanc, srcs, 60)
