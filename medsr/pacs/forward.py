@@ -111,6 +111,15 @@ class DicomForwarder:
             self.close()
         if self.assoc is None or not self.assoc.is_established:
             self._connect()
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in self.assoc.accepted_contexts}
+        if (sop, ts) not in accepted and ts not in _UNCOMPRESSED and any(
+            (sop, u) in accepted for u in _UNCOMPRESSED
+        ):
+            # the destination takes this SOP class uncompressed only: send a decompressed copy (lossless either way)
+            import copy
+
+            ds = copy.deepcopy(ds)
+            ds.decompress()
         try:
             status = self.assoc.send_c_store(ds)
         except ValueError as e:  # no accepted presentation context for this SOP class / transfer syntax

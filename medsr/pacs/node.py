@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 from typing import Any
@@ -108,7 +109,8 @@ def _is_medsr_derived(ds: Any) -> bool:
 
     image_type = ds.get("ImageType", None)
     first = str(image_type[0] if image_type and not isinstance(image_type, str) else image_type or "")
-    return first.upper() == "DERIVED" and f"({SOFTWARE}, model" in str(ds.get("DerivationDescription", "") or "")
+    desc = str(ds.get("DerivationDescription", "") or "")  # "... (medsr 0.1.0, model NAME, weights ...)"
+    return first.upper() == "DERIVED" and re.search(rf"\({re.escape(SOFTWARE)}( [^,()]*)?, model ", desc) is not None
 
 
 class Node:
