@@ -59,10 +59,13 @@ def source(i: int, study: str = "1.2.826.0.1.3680043.8.498.999.1", h: int = 16, 
     return ds
 
 
-def expected_derived_uid(ds: Any, model_id: str = "tiny") -> str:
+def expected_derived_uid(ds: Any, weights: Path | None = None) -> str:
+    """The derived SOP Instance UID: from the weights file's sha256 (a node process loading ``weights``),
+    else from the model id "tiny" (an in-process :func:`tiny_upscaler`, which has no file to hash)."""
+    from medsr.fsutil import sha256_file
     from medsr.io.dicom import derived_uids
 
-    return derived_uids(ds, model_id, SCALE)[0]
+    return derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None)[0]
 
 
 def send(port: int, datasets: Iterable[Any], calling: str = "SENDER", called: str = "MEDSR",
@@ -119,8 +122,9 @@ class CollectingSCP:
     """A real Storage SCP (pynetdicom) that keeps what it receives: {SOP Instance UID: dataset}."""
 
     def __init__(self, ae_title: str = "DEST", port: int | None = None, status: int = 0x0000,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, compressed: bool = False) -> None:
         self.ae_title = ae_title
+        self.compressed = compressed  # also accept compressed transfer syntaxes (default: uncompressed only)
         self.delay = delay
         self.port = port or free_port()
         self.status = status
@@ -142,12 +146,16 @@ class CollectingSCP:
         return 0x0000
 
     def start(self) -> CollectingSCP:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
         from medsr.pacs.forward import tcp_nodelay
 
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        if self.compressed:
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        else:
+            ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store),
                                                      (evt.EVT_CONN_OPEN, tcp_nodelay)])
@@ -176,7 +184,8 @@ def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bo
 
 def node_toml(spool: Path, port: int, dest_port: int | None = None, *, weights: Path | None = None,
               allowed: tuple[str, ...] = ("SENDER",), dest_ae: str = "DEST", extra: str = "",
-              metrics_port: int = 0, url: str | None = None, backoff: tuple[float, float] = (0.2, 1.0)) -> str:
+              metrics_port: int = 0, url: str | None = None, backoff: tuple[float, float] = (0.2, 1.0),
+              syntax: str | None = None) -> str:
     allowed_s = ", ".join(f'"{a}"' for a in allowed)
     dest = (f'type = "dicomweb"\nurl = "{url}"' if url else
             f'type = "dicom"\nae_title = "{dest_ae}"\nhost = "127.0.0.1"\nport = {dest_port}')
@@ -189,6 +198,7 @@ allowed_calling_aets = [{allowed_s}]
 [destination]
 {dest}
 timeout = 10
+{f'syntax = "{syntax}"' if syntax else ""}
 
 [model]
 name = "{weights}"

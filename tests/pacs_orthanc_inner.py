@@ -38,6 +38,11 @@ requests = pytest.importorskip("requests")
 
 HTTP, DICOM, NODE, METRICS = 8042, 4242, 11112, 9108
 BASE = f"http://127.0.0.1:{HTTP}"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+# Orthanc decodes JPEG 2000 (medsr's default output) only through its GDCM plugin (package orthanc-gdcm);
+# without it the node sends RLE lossless, which Orthanc's core decodes, so the preview check still holds.
+GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"
+ORTHANC_SYNTAX = None if Path(GDCM_PLUGIN).exists() else "rle"
 ROUTE_LUA = (Path(__file__).resolve().parents[1] / "docs" / "orthanc" / "medsr-route.lua").read_text()
 REPORT: dict[str, Any] = {}
 
@@ -56,7 +61,7 @@ class Orthanc:
 
     def start(self) -> None:
         (self.root / "route.lua").write_text(ROUTE_LUA)
-        plugins = [p for p in ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"] if Path(p).exists()]
+        plugins = [p for p in [DICOMWEB_PLUGIN, GDCM_PLUGIN] if Path(p).exists()]
         cfg = {
             "Name": "medsr-test",
             "StorageDirectory": str(self.root / "db"),
@@ -137,13 +142,14 @@ def node(tmp_path: Path):
     """Start/stop/kill medsr-node processes on one spool; all stopped at teardown."""
     cfg = tmp_path / "node.toml"
     cfg.write_text(node_toml(tmp_path / "spool", NODE, DICOM, weights=tiny_weights(tmp_path / "tiny.pth"),
-                             allowed=("ORTHANC",), dest_ae="ORTHANC", metrics_port=METRICS))
+                             allowed=("ORTHANC",), dest_ae="ORTHANC", metrics_port=METRICS, syntax=ORTHANC_SYNTAX))
     procs: list[subprocess.Popen[bytes]] = []
     log = tmp_path / "node.log"
 
     class Ctl:
         config = cfg
         spool = tmp_path / "spool"
+        weights = tmp_path / "tiny.pth"
 
         def start(self) -> subprocess.Popen[bytes]:
             p = start_node_process(cfg, log)
@@ -168,8 +174,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def _wait_derived(orthanc: Orthanc, srcs: list[Any], timeout: float) -> list[str]:
-    series_uid = _derived_series(srcs[0])
+def _wait_derived(orthanc: Orthanc, srcs: list[Any], timeout: float, weights: Path) -> list[str]:
+    series_uid = _derived_series(srcs[0], weights)
     got: list[str] = []
 
     def done() -> bool:
@@ -181,10 +187,11 @@ def _wait_derived(orthanc: Orthanc, srcs: list[Any], timeout: float) -> list[str
     return got
 
 
-def _derived_series(src: Any) -> str:
+def _derived_series(src: Any, weights: Path) -> str:
+    from medsr.fsutil import sha256_file
     from medsr.io.dicom import derived_uids
 
-    return derived_uids(src, "tiny", SCALE)[1]
+    return derived_uids(src, "tiny", SCALE, weights_sha256=sha256_file(weights))[1]
 
 
 @pytest.mark.timeout(90)
@@ -193,12 +200,12 @@ def test_round_trip_same_study_with_preview(orthanc: Orthanc, node) -> None:
     orthanc.post("/modalities/medsr/echo", "{}")  # C-ECHO from Orthanc (raises on failure)
     srcs = _study(3, "1.2.826.0.1.3680043.8.498.4242.1")
     assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0, 0, 0]
-    got = _wait_derived(orthanc, srcs, 60)
-    assert sorted(got) == sorted(expected_derived_uid(s) for s in srcs), node.log_text()[-3000:]
+    got = _wait_derived(orthanc, srcs, 60, node.weights)
+    assert sorted(got) == sorted(expected_derived_uid(s, node.weights) for s in srcs), node.log_text()[-3000:]
     study_id = orthanc.lookup(srcs[0].StudyInstanceUID)
     series = orthanc.get(f"/studies/{study_id}/series")
     assert len(series) == 2  # the source series and the derived series, in the same study
-    derived = [s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == _derived_series(srcs[0])][0]
+    derived = [s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == _derived_series(srcs[0], node.weights)][0]
     assert derived["MainDicomTags"]["SeriesDescription"].endswith("[SR x2]")
     inst = derived["Instances"][0]
     tags = orthanc.get(f"/instances/{inst}/simplified-tags")
@@ -215,7 +222,7 @@ def test_round_trip_same_study_with_preview(orthanc: Orthanc, node) -> None:
 
 @pytest.mark.timeout(90)
 def test_stow_rs_destination(orthanc: Orthanc, tmp_path: Path) -> None:
-    if not Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists():
+    if not Path(DICOMWEB_PLUGIN).exists():
         pytest.skip("skipped: Orthanc DICOMweb plugin not installed (apt-get install orthanc-dicomweb)")
     cfg = tmp_path / "stow.toml"
     cfg.write_text(node_toml(tmp_path / "spool", NODE + 1, weights=tiny_weights(tmp_path / "tiny.pth"),
@@ -225,8 +232,8 @@ def test_stow_rs_destination(orthanc: Orthanc, tmp_path: Path) -> None:
         assert wait_listening(NODE + 1, proc)
         srcs = _study(4, "1.2.826.0.1.3680043.8.498.4242.2")
         assert send(NODE + 1, srcs) == [0] * 4  # straight to the node (calling AE SENDER)
-        got = _wait_derived(orthanc, srcs, 60)
-        assert sorted(got) == sorted(expected_derived_uid(s) for s in srcs), (tmp_path / "stow.log").read_text()
+        got = _wait_derived(orthanc, srcs, 60, tmp_path / "tiny.pth")
+        assert sorted(got) == sorted(expected_derived_uid(s, tmp_path / "tiny.pth") for s in srcs), (tmp_path / "stow.log").read_text()
     finally:
         assert stop_process(proc, signal.SIGTERM) == 0
 
@@ -241,10 +248,10 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     t0 = time.monotonic()
     assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0] * n
     t_sent = time.monotonic() - t0
-    got = _wait_derived(orthanc, srcs, 90)
+    got = _wait_derived(orthanc, srcs, 90, node.weights)
     dt = time.monotonic() - t0
     assert len(got) == n and len(set(got)) == n, f"{len(got)} derived, {len(set(got))} distinct"
-    assert set(got) == {expected_derived_uid(s) for s in srcs}
+    assert set(got) == {expected_derived_uid(s, node.weights) for s in srcs}
     _report("load_500", {
         "instances": n, "lr_size": "16x16", "seconds": round(dt, 2), "instances_per_s": round(n / dt, 1),
         "lr_mp_per_s": round(n * 256 / 1e6 / dt, 4), "send_to_orthanc_s": round(t_sent, 2),
@@ -261,7 +268,7 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     })
     # the same with a SIGKILL in the middle
     srcs = _study(n, "1.2.826.0.1.3680043.8.498.4242.4")
-    series_uid = _derived_series(srcs[0])
+    series_uid = _derived_series(srcs[0], node.weights)
     import threading
 
     state: dict[str, Any] = {}
@@ -294,13 +301,13 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     ]
     for jid in failed:
         orthanc.post(f"/jobs/{jid}/resubmit", "")
-    got = _wait_derived(orthanc, srcs, 60)
+    got = _wait_derived(orthanc, srcs, 60, node.weights)
     dt = time.monotonic() - t0
     jobs = orthanc.jobs()
     diag = {"state": state, "resubmitted": len(failed), "jobs": {s: sum(1 for j in jobs if j["State"] == s)
             for s in {j["State"] for j in jobs}}, "node_log": node.log_text()[-1500:]}
     assert len(got) == n and len(set(got)) == n, f"{len(got)} derived, {len(set(got))} distinct; {diag}"
-    assert set(got) == {expected_derived_uid(s) for s in srcs}
+    assert set(got) == {expected_derived_uid(s, node.weights) for s in srcs}
     assert state["arrived_at_kill"] < n
     text = node.log_text()
     assert "spool: resuming" in text or state["spooled_at_kill"] == 0

@@ -76,6 +76,8 @@ max_attempts = 0
     ('[model]\nname = "missing.pth"\n', "weights file not found"),
     ('[model]\nname = "medsr-cxr-x4"\nengine = "x.onnx"\n', "either name (weights) or engine"),
     ("[spool]\npath = 3\n", "spool.path: must be a string"),
+    ('[destination]\ntype = "dicom"\nae_title = "D"\nport = 104\nsyntax = "jpeg-xl"\n',
+     "destination.syntax: unknown DICOM output syntax 'jpeg-xl'"),
 ])
 def test_bad_configs(tmp_path: Path, text: str, needle: str) -> None:
     from medsr.pacs import ConfigError, load_config

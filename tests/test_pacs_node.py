@@ -8,6 +8,7 @@ import threading
 import time
 import tomllib
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,26 @@ def test_round_trip_derived_instance_arrives(node, dest: CollectingSCP) -> None:
     assert "medsr_node_received_total 5.0" in text and "medsr_node_done_total 5.0" in text
     assert 'medsr_node_queue_depth{stage="upscale"} 0.0' in text
     assert "medsr_node_lr_megapixels_per_second" in text
+
+
+@pytest.mark.parametrize("syntax", [None, "rle"])
+def test_destination_syntax_is_honoured(tmp_path: Path, syntax: str | None) -> None:
+    """Derived objects go out in JPEG 2000 lossless by default; [destination] syntax = "rle" is for a PACS
+    that cannot decode JPEG 2000 (Orthanc without its GDCM plugin)."""
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from medsr.pacs import Node
+
+    with CollectingSCP(compressed=True) as dest:
+        cfg = _config(tmp_path, dest.port)
+        cfg = replace(cfg, destination=replace(cfg.destination, syntax=syntax))
+        with Node(cfg, upscalers=[tiny_upscaler()]) as n:
+            s = source(3, h=40, w=40)  # big enough for JPEG 2000, the default
+            assert send(n.port, [s]) == [0]
+            assert wait_for(lambda: len(dest.received) == 1, 20)
+    d = dest.received[expected_derived_uid(s)]
+    assert d.file_meta.TransferSyntaxUID == (RLELossless if syntax else JPEG2000Lossless)
+    assert d.pixel_array.shape == (80, 80)
 
 
 def test_resent_source_gives_the_same_derived_uid(node, dest: CollectingSCP) -> None:
@@ -215,7 +236,7 @@ def test_cli_node_sigkill_mid_run_then_restart_loses_nothing(tmp_path: Path) -> 
             assert wait_listening(port, proc), log.read_text()
             retry = [s for s, st in zip(srcs, statuses, strict=True) if st != 0]  # what a sender re-sends
             assert send(port, retry) == [0] * len(retry)
-            want = {expected_derived_uid(s, "tiny") for s in srcs}
+            want = {expected_derived_uid(s, weights) for s in srcs}
             assert wait_for(lambda: set(dest.received) >= want, 60), f"missing {len(want - set(dest.received))}"
             assert set(dest.received) == want and len(dest.received) == n  # 0 lost, nothing unexpected
             assert stop_process(proc, signal.SIGTERM) == 0

@@ -65,6 +65,7 @@ class DestinationConfig:
     calling_ae_title: str = ""  # default: listen.ae_title
     url: str = ""
     timeout: float = 30.0
+    syntax: str | None = None  # transfer syntax of the derived objects (medsr.io.dicom_derive.parse_syntax); None: default
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     )
 
     # [destination]
-    t = c.table(data, "destination", {"type", "ae_title", "host", "port", "calling_ae_title", "url", "timeout"})
+    t = c.table(data, "destination", {"type", "ae_title", "host", "port", "calling_ae_title", "url", "timeout", "syntax"})
     dd = DestinationConfig()
     if "destination" not in data:
         c.fail("destination", "required: where derived instances go ([destination] type = \"dicom\" or \"dicomweb\")")
@@ -236,7 +237,15 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         calling_ae_title=c.string(t, "destination", "calling_ae_title", ""),
         url=c.string(t, "destination", "url", ""),
         timeout=c.number(t, "destination", "timeout", dd.timeout, 0, positive=True),
+        syntax=c.string(t, "destination", "syntax", "") or None,
     )
+    if dest.syntax is not None:
+        from medsr.io.dicom_derive import parse_syntax
+
+        try:
+            parse_syntax(dest.syntax)
+        except ValueError as e:
+            c.fail("destination.syntax", str(e))
     if "destination" in data:
         if kind == "dicom":
             if "ae_title" not in t:

@@ -115,11 +115,12 @@ class DicomForwarder:
         if (sop, ts) not in accepted and ts not in _UNCOMPRESSED and any(
             (sop, u) in accepted for u in _UNCOMPRESSED
         ):
-            # the destination takes this SOP class uncompressed only: send a decompressed copy (lossless either way)
+            # the destination takes this SOP class uncompressed only: send a decompressed copy. Lossless either
+            # way, so it is the same instance: keep its UID (pydicom would mint a new one, breaking idempotence)
             import copy
 
             ds = copy.deepcopy(ds)
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)
         try:
             status = self.assoc.send_c_store(ds)
         except ValueError as e:  # no accepted presentation context for this SOP class / transfer syntax

@@ -379,7 +379,7 @@ class Node:
         try:
             src = pydicom.dcmread(path, force=True)
             lr_mp = int(src.Rows) * int(src.Columns) * int(src.get("NumberOfFrames", 1) or 1) / 1e6
-            derived = up.upscale_dicom(src)
+            derived = up.upscale_dicom(src, dicom_syntax=self.config.destination.syntax)
         except Exception as e:
             attempts += 1
             if _transient(e) and attempts < self.config.spool.max_attempts:
