@@ -18,6 +18,7 @@ from typing import Any
 
 #: (name, file kind, runtime, precision): the CPU paths of medsr-infer
 CPU_PATHS: tuple[tuple[str, str, str, str], ...] = (
+    ("default", "weights", "auto", "fp32"),  # what medsr-infer runs with no --runtime (OpenVINO from weights)
     ("torch-fp32", "weights", "torch", "fp32"),
     ("torch-bf16", "weights", "torch", "bf16"),
     ("ort-cpu-fp32", "onnx", "onnxruntime", "fp32"),

@@ -3,7 +3,8 @@ or weights (converted in memory with ``openvino.convert_model``).
 
 Precision is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``fp32`` (``f32``, IEEE) or ``bf16`` (needs a CPU with
 AVX512-BF16 or AMX; refused elsewhere, never silently run as fp32). The compiled precision is read back from
-the compiled model and checked. Shapes stay dynamic (N, H, W), so fitted tiles do not recompile. Output
+the compiled model and checked. Each input shape is compiled static (one at a time): the tiler sends one
+full-tile shape per image, and static plans reuse buffers (see ``_compile``). Output
 follows the contract (``finish_output``); a bf16 backend's ``fallback()`` is the same model in fp32.
 """
 
@@ -83,18 +84,33 @@ class OpenVINOBackend(Backend):
         self.precision = precision
         self.preferred_batch = batch or default_batch(self.device)
         self._ov_model = ov_model
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+        self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._threads = threads
-        try:
-            self._compiled = self._core.compile_model(ov_model, "CPU", config)
-        except Exception as e:
-            raise BackendError(f"{self.path or 'model'}: OpenVINO cannot compile the model: {e}") from e
+        self._shape: tuple[int, ...] | None = None
+        self._compile(None)  # dynamic: checks the model compiles and the precision holds, before any tile
         got = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
         if _HINT[precision] not in got.replace("float32", "f32").replace("bfloat16", "bf16"):
             raise BackendError(f"OpenVINO compiled {got} although {precision} was asked; refusing a silent change")
+
+    def _compile(self, shape: tuple[int, ...] | None) -> None:
+        """Compile for one static input shape (None: dynamic N/H/W), replacing the previous compilation.
+
+        Static shapes let OpenVINO plan and reuse intermediate buffers: for a 256-px tile of the default
+        model 435 MB instead of 618 MB, and a few % faster. The tiler sends one full-tile shape for every
+        image at least a tile large, so this compiles once (about 0.1 s); smaller images recompile."""
+        self._request = self._compiled = None  # free the previous plan's buffers first
+        model = self._ov_model
+        if shape is not None:
+            model = model.clone()
+            model.reshape(list(shape))
+        try:
+            self._compiled = self._core.compile_model(model, "CPU", self._config)
+        except Exception as e:
+            raise BackendError(f"{self.path or 'model'}: OpenVINO cannot compile the model: {e}") from e
         self._request = self._compiled.create_infer_request()
+        self._shape = shape
 
     def _read(self, ov: Any, path: Path) -> tuple[Any, dict[str, str]]:
         self.path = path
@@ -128,6 +144,7 @@ class OpenVINOBackend(Backend):
             )
         except Exception as e:
             raise BackendError(f"OpenVINO could not convert the model ({type(e).__name__}: {e})") from e
+        _release_freed_heap()  # tracing leaves ~130 MB of freed heap that glibc keeps otherwise
         return cls(None, _model=(ov_model, meta), **kwargs)
 
     def tile_limits(self) -> TileLimits:
@@ -138,6 +155,8 @@ class OpenVINOBackend(Backend):
         if batch.ndim != 4 or batch.shape[1] != self.channels:
             raise BackendError(f"expected [N,{self.channels},h,w], got {tuple(batch.shape)}")
         x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+        if self._shape != x.shape:
+            self._compile(tuple(x.shape))
         self._request.infer({0: x})
         y = self._request.get_output_tensor(0).data
         return finish_output(torch.from_numpy(np.array(y, dtype=np.float32, copy=True))).to(batch.device)
@@ -153,6 +172,17 @@ class OpenVINOBackend(Backend):
     def close(self) -> None:
         self._request = None
         self._compiled = None
+
+
+def _release_freed_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def ir_metadata(model: Any, path: Path) -> dict[str, str]:
