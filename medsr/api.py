@@ -100,6 +100,28 @@ class Upscaler:
         return cls(backend, config, variants=variants)
 
     @classmethod
+    def load(
+        cls,
+        spec: str | os.PathLike[str] | None = None,
+        *,
+        runtime: str = "auto",
+        device: str = "auto",
+        precision: str | None = None,
+        compile: bool = False,
+        config: TileConfig | None = None,
+    ) -> Upscaler:
+        """What ``medsr-infer`` loads: a registered name, weights or an engine file (None: the default model),
+        on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO when installed)."""
+        from medsr.runtime.engines import auto_runtime
+        from medsr.weights import DEFAULT_MODEL
+
+        if runtime == "auto":
+            runtime = "torch" if compile else auto_runtime(str(spec or DEFAULT_MODEL), device, precision)
+        if runtime == "torch":
+            return cls.from_pretrained(spec, device=device, precision=precision or "fp32", compile=compile, config=config)
+        return cls.from_engine(spec or DEFAULT_MODEL, runtime=runtime, device=device, precision=precision, config=config)
+
+    @classmethod
     def from_engine(
         cls,
         path: str | os.PathLike[str],

@@ -126,18 +126,11 @@ def _drop_collisions(w: Walk) -> None:
 
 
 def _load_upscaler(engine: str | None, model: str | None, runtime: str, precision: str | None, device: str,
-                   compile: bool = False, **kw: object):
+                   compile: bool = False, config: object = None):
     from medsr.api import Upscaler
-    from medsr.runtime.engines import auto_runtime
-    from medsr.weights import DEFAULT_MODEL
 
-    spec = engine or model or DEFAULT_MODEL
-    if runtime == "auto":
-        runtime = "torch" if compile else auto_runtime(spec, device, precision)
-    if runtime == "torch":
-        return Upscaler.from_pretrained(spec if (engine or model) else None, device=device, precision=precision or "fp32",
-                                        compile=compile, **kw)  # type: ignore[arg-type]
-    return Upscaler.from_engine(spec, runtime=runtime, device=device, precision=precision, **kw)  # type: ignore[arg-type]
+    return Upscaler.load(engine or model, runtime=runtime, device=device, precision=precision, compile=compile,
+                         config=config)  # type: ignore[arg-type]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -165,10 +158,16 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 @click.option("--dicom-syntax", default=None, callback=lambda ctx, param, v: _check_syntax(v),
               help="DICOM output transfer syntax: jpeg2000-lossless (default; RLE for images under 32 px), rle, "
                    "explicit-le (uncompressed) or jpeg2000-lossy[:RATIO] (lossy, marked as such; default ratio 10).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Data (pip install 'medsr[scale]'): alone, a local Ray on this machine; 'auto' joins "
+                   "this machine's cluster; ray://HEAD:10001 a remote one. Paths must be shared by all workers.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: upscale actors (default: one per GPU, or one per 2 CPUs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
-         overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, quiet: bool) -> None:
+         overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
+         workers: int | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -196,6 +195,22 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     walk = collect_jobs(list(inputs), outdir)
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
+    if workers is not None and ray_address is None:
+        raise click.UsageError("--workers applies to --ray")
+    if ray_address is not None:
+        if compile_:
+            raise click.UsageError("--compile is not available with --ray")
+        from medsr.scale.ray_batch import LoadSpec, RayOptions
+        from medsr.weights import WeightsError, check_spec
+
+        try:  # on the driver: a wrong name fails here, not as dying actors
+            check_spec(engine or model)
+        except WeightsError as e:
+            click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
+            sys.exit(2)
+        load = LoadSpec(engine or model, runtime, device, precision, config, dicom_syntax)
+        _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
+                 overwrite, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, quiet, outdir)
     try:
         up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
     except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
@@ -242,7 +257,11 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     summary.megapixels = up.lr_pixels / 1e6
     tiles_bar.close()
     files_bar.close()
-    dt = time.perf_counter() - t0
+    _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted)
+
+
+def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir: Path, interrupted: str | None) -> None:
+    """The run's summary and exit status (0; 1 if any file failed; 130 when interrupted)."""
     for path, why in ignored:
         click.echo(f"  ignored ({why}): {path}", err=True)
     click.echo(
@@ -256,6 +275,58 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         click.echo(f"medsr-infer: {interrupted}; re-run to continue (existing outputs are skipped)", err=True)
         sys.exit(130)
     sys.exit(1 if summary.failed else 0)
+
+
+def _run_ray(walk: Walk, input_files: set[Path], load: object, options: object, overwrite: bool,
+             max_pixels: int, quiet: bool, outdir: Path) -> None:
+    """The same job on Ray Data (medsr.scale.ray_batch); same guarantees, summary and exit status."""
+    from tqdm import tqdm
+
+    from medsr.fsutil import remove_stale_temps
+    from medsr.scale import ray_batch
+
+    summary = Summary(failed=list(walk.failed))
+    jobs = []
+    for job in walk.jobs:
+        if job.dst.resolve() in input_files:
+            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
+        else:
+            jobs.append((job.src, job.dst))
+    for folder in sorted({d.parent for _, d in jobs}):
+        for stale in remove_stale_temps(folder):
+            click.echo(f"  removed stale temporary file of an interrupted run: {stale}", err=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    t0 = time.perf_counter()
+    interrupted: str | None = None
+    bar = tqdm(total=len(jobs), desc="files (ray)", unit="file", disable=quiet)
+    try:
+        for r in ray_batch.run(jobs, load, options, overwrite=overwrite, max_pixels=max_pixels,  # type: ignore[arg-type]
+                               quiet=quiet):
+            bar.update(1)
+            if r["status"] == ray_batch.WRITTEN:
+                summary.written += 1
+                summary.megapixels += r["lr_pixels"] / 1e6
+            elif r["status"] == ray_batch.SKIPPED:
+                summary.skipped += 1
+            else:
+                summary.failed.append((Path(r["src"]), r["message"]))
+                tqdm.write(f"FAILED {r['message']}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        interrupted = f"interrupted ({e or 'SIGINT'}); files being written were abandoned (no partial outputs)"
+    except Exception as e:  # Ray itself failed (no cluster, a worker could not load the model): one clear line
+        bar.close()
+        click.echo(f"medsr-infer: the Ray run failed: {_short(e)}", err=True)
+        sys.exit(2)
+    bar.close()
+    _finish(summary, walk.ignored, time.perf_counter() - t0, outdir, interrupted)
+
+
+def _short(e: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) exception, else its type."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines() if re.match(r"^\s*[\w.]+(Error|Exception): ", ln)]
+    return (lines[-1] if lines else f"{type(e).__name__}: {str(e).strip()[:300]}")[:500]
 
 
 def _bar_progress(bar):  # type: ignore[no-untyped-def]

@@ -201,7 +201,19 @@ def write_raster(img: Image, tmp: Path) -> None:
         raise ImageWriteError(f"not a raster format: {img.format!r}")
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(ext, np.ascontiguousarray(arr), params)
+    arr = np.ascontiguousarray(arr)
+    if tmp.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        # streamed to the file by libpng / libjpeg: no encoded copy of a 100+ MB output in memory.
+        # OpenCV reports a failed write (a full disk) only as False: an OSError without errno, which
+        # os_error_reason turns into "No space left on device" when the folder is full.
+        try:
+            ok = cv2.imwrite(str(tmp), arr, params)
+        except cv2.error as e:
+            raise OSError(f"OpenCV could not write {img.format.upper()}") from e
+        if not ok:
+            raise OSError(f"OpenCV could not write {img.format.upper()}")
+        return
+    ok, buf = cv2.imencode(ext, arr, params)
     if not ok:
         raise ImageWriteError(f"OpenCV could not encode {img.format.upper()}")
     with open(tmp, "wb") as f:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from medsr.weights.download import download, sha256_file
 from medsr.weights.errors import MissingWeightsError, WeightsError
-from medsr.weights.load import LoadedModel, load_model, save_weights
+from medsr.weights.load import LoadedModel, check_spec, load_model, save_weights
 from medsr.weights.ncnn import import_ncnn
 from medsr.weights.registry import DEFAULT_MODEL, MODELS, ModelEntry, cache_dir
 
@@ -18,6 +18,7 @@ __all__ = [
     "MissingWeightsError",
     "ModelEntry",
     "WeightsError",
+    "check_spec",
     "cache_dir",
     "download",
     "import_ncnn",

@@ -36,6 +36,15 @@ def load_model(spec: str | os.PathLike[str]) -> LoadedModel:
         entry = find_entry(spec)
         if entry is not None:
             return _load_registered(entry)
+    check_spec(spec)
+    return load_file(Path(spec).expanduser())
+
+
+def check_spec(spec: str | os.PathLike[str] | None) -> None:
+    """Cheap check without loading: ``spec`` (None: the default) names a registered model or an existing
+    file; WeightsError otherwise (what :func:`load_model` would say)."""
+    if spec is None or (isinstance(spec, str) and find_entry(spec) is not None):
+        return
     path = Path(spec).expanduser()
     if not path.exists():
         if isinstance(spec, str) and not path.suffix and os.sep not in spec:
@@ -43,7 +52,6 @@ def load_model(spec: str | os.PathLike[str]) -> LoadedModel:
 
             raise WeightsError(f"unknown model {spec!r}: not a registered name ({', '.join(sorted(MODELS))}) nor a file")
         raise WeightsError(f"{path}: weights file not found")
-    return load_file(path)
 
 
 def load_file(path: Path, model_id: str | None = None) -> LoadedModel:

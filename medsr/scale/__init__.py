@@ -1,0 +1,1 @@
+"""Scale-out: archive batches on Ray Data (``ray_batch``), online serving through Triton."""

@@ -1,0 +1,121 @@
+"""medsr-infer --ray: the same job on a real local Ray cluster (ray.init(num_cpus=2)), compared with the
+local CLI bit for bit; bad files, skips and refusals behave the same."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_cr, tiny_rrdb
+
+ray = pytest.importorskip("ray", reason="skipped: Ray is not installed (pip install 'ray[data]')")
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.pth"
+    torch.save({"params_ema": tiny_rrdb(2, 3, seed=7).state_dict()}, p)
+    return p
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(3)
+    src = root / "in"
+    (src / "sub").mkdir(parents=True)
+    cv2.imwrite(str(src / "a16.png"), (rng.random((40, 48)) * 65535).astype(np.uint16))
+    cv2.imwrite(str(src / "b8.png"), (rng.random((33, 20)) * 255).astype(np.uint8))
+    cv2.imwrite(str(src / "sub" / "c.tif"), (rng.random((24, 30)) * 65535).astype(np.uint16))
+    make_cr(h=28, w=36, seed=5).save_as(src / "sub" / "d.dcm", enforce_file_format=True)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (src / "manifest.csv").write_text("a,b\n")
+    return src
+
+
+def _infer(*args: str) -> tuple[int, str]:
+    from medsr.cli.infer import main
+
+    r = CliRunner().invoke(main, ["-q", "--device", "cpu", "--runtime", "torch", "--tile", "16", "--overlap", "4",
+                                  *args])
+    return r.exit_code, r.output
+
+
+def _summary(out: str) -> str:
+    line = next(ln for ln in out.splitlines() if ln.startswith("medsr-infer: "))
+    return line.split(";")[0]
+
+
+def test_ray_output_equals_the_local_cli(local_ray, tmp_path: Path, weights: Path) -> None:
+    src = _folder(tmp_path)
+    code_l, out_l = _infer("--model", str(weights), str(src), "-o", str(tmp_path / "local"))
+    code_r, out_r = _infer("--model", str(weights), str(src), "-o", str(tmp_path / "ray"), "--ray", "--workers", "1")
+    assert code_l == code_r == 1, (out_l, out_r)  # the broken file fails both runs, nothing else does
+    assert _summary(out_r) == _summary(out_l) == "medsr-infer: 4 written, 0 skipped (exist), 1 failed, 1 ignored (not images or not regular files)"
+    assert "broken.png" in out_r and "FAILED" in out_r
+    files_l = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    files_r = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert files_l == files_r == sorted(Path(p) for p in ["a16.png", "b8.png", "sub/c.tif", "sub/d.dcm"])
+    for rel in ("a16.png", "b8.png", "sub/c.tif"):
+        assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "ray" / rel).read_bytes(), rel
+    import pydicom
+
+    dl, dr = pydicom.dcmread(tmp_path / "local" / "sub/d.dcm"), pydicom.dcmread(tmp_path / "ray" / "sub/d.dcm")
+    assert dl.SOPInstanceUID == dr.SOPInstanceUID and dl.SeriesInstanceUID == dr.SeriesInstanceUID
+    assert np.array_equal(dl.pixel_array, dr.pixel_array) and dr.pixel_array.shape == (56, 72)
+
+
+def test_ray_rerun_skips_existing_outputs_and_overwrite_replaces_them(local_ray, tmp_path: Path, weights: Path) -> None:
+    src = _folder(tmp_path)
+    (src / "broken.png").unlink()
+    out = tmp_path / "out"
+    assert _infer("--model", str(weights), str(src), "-o", str(out), "--ray")[0] == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    os.utime(out / "a16.png", ns=(1, 1))  # marks the file: a skip leaves it untouched
+    code, text = _infer("--model", str(weights), str(src), "-o", str(out), "--ray")
+    assert code == 0 and _summary(text).startswith("medsr-infer: 0 written, 4 skipped")
+    assert (out / "a16.png").stat().st_mtime_ns == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "a16.png"} == {
+        p: t for p, t in mtimes.items() if p.name != "a16.png"}
+    code, text = _infer("--model", str(weights), str(src), "-o", str(out), "--ray", "--overwrite")
+    assert code == 0 and _summary(text).startswith("medsr-infer: 4 written")
+    assert (out / "a16.png").stat().st_mtime_ns != 1
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]  # no temp files left
+
+
+def test_ray_never_writes_over_an_input(local_ray, tmp_path: Path, weights: Path) -> None:
+    src = _folder(tmp_path)
+    before = (src / "a16.png").read_bytes()
+    code, text = _infer("--model", str(weights), str(src / "a16.png"), "-o", str(src), "--ray")
+    assert code == 1 and "would overwrite an input" in text
+    assert (src / "a16.png").read_bytes() == before
+
+
+def test_ray_unknown_model_is_one_clear_line(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    code, text = _infer("--model", "no-such-model", str(src), "-o", str(tmp_path / "o"), "--ray")
+    assert code == 2 and "cannot load the model: unknown model 'no-such-model'" in text
+    assert "Traceback" not in text and not (tmp_path / "o").exists()
+
+
+def test_a_pool_that_cannot_fit_is_refused(local_ray, tmp_path: Path, weights: Path) -> None:
+    """2 actors of 1 CPU on a 2-CPU cluster would leave nothing for the read/write tasks: a hang, refused."""
+    code, text = _infer("--model", str(weights), str(_folder(tmp_path)), "-o", str(tmp_path / "o"), "--ray",
+                        "--workers", "2")
+    assert code == 2 and "need 2.5 CPUs; the Ray cluster has 2: use fewer --workers" in text, text
+
+
+def test_workers_needs_ray(tmp_path: Path, weights: Path) -> None:
+    code, text = _infer("--model", str(weights), str(_folder(tmp_path)), "-o", str(tmp_path / "o"), "--workers", "2")
+    assert code == 2 and "--workers applies to --ray" in text
