@@ -147,7 +147,11 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False),
               help="Engine or model file: .plan (TensorRT), .onnx (ONNX Runtime), .pth/.safetensors (PyTorch).")
 @click.option("--model", help="Registered model name or weights path (default: medsr-cxr-x4, the shipped "
-              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model).")
+              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model); with --triton, the name of "
+              "the model on the server.")
+@click.option("--triton", "triton_url", metavar="URL",
+              help="Run on a Triton Inference Server (grpc://HOST:8001, http://HOST:8000): tiles go to the server "
+                   "in batches; needs --model NAME. See docs/scale.md.")
 @click.option("--tile", type=int, default=None, help="LR tile edge in pixels, overlap included.")
 @click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
@@ -166,7 +170,8 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
               help="DICOM output transfer syntax: jpeg2000-lossless (default; RLE for images under 32 px), rle, "
                    "explicit-le (uncompressed) or jpeg2000-lossy[:RATIO] (lossy, marked as such; default ratio 10).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
+def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, triton_url: str | None,
+         tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
          overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
@@ -178,6 +183,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
 
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
+    if triton_url:
+        _check_triton_args(model, engine, runtime, device, compile_)
     from medsr.runtime.contract import engine_kind
 
     if compile_ and ((engine and engine_kind(engine) != "weights") or runtime not in ("auto", "torch")):
@@ -190,14 +197,21 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     d = TileConfig()
     try:  # the one TileConfig of the run, checked before the model loads
         t = d.tile if tile is None else tile
-        config = TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch)
+        # Triton: fixed-shape tiles, so the server's dynamic batcher can merge requests across images and clients
+        config = TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch,
+                            fit=not triton_url)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     walk = collect_jobs(list(inputs), outdir)
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
     try:
-        up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
+        if triton_url:
+            from medsr.api import Upscaler
+
+            up = Upscaler.from_triton(triton_url, model, precision=precision, config=config)  # type: ignore[arg-type]
+        else:
+            up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
     except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
         click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
         sys.exit(2)
@@ -256,6 +270,17 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         click.echo(f"medsr-infer: {interrupted}; re-run to continue (existing outputs are skipped)", err=True)
         sys.exit(130)
     sys.exit(1 if summary.failed else 0)
+
+
+def _check_triton_args(model: str | None, engine: str | None, runtime: str, device: str, compile_: bool) -> None:
+    """--triton runs the server's model: local engine, runtime, device and compile options do not apply."""
+    if not model:
+        raise click.UsageError("--triton needs --model NAME (the model's name on the Triton server)")
+    if engine:
+        raise click.UsageError("give --engine (a local engine) or --triton (a server), not both")
+    if runtime != "auto" or device != "auto" or compile_:
+        raise click.UsageError("--runtime, --device and --compile apply to local engines; with --triton the "
+                               "server's model configuration decides (instance_group, platform)")
 
 
 def _bar_progress(bar):  # type: ignore[no-untyped-def]
