@@ -16,6 +16,7 @@ and model.py moves tensors through DLPack (numpy in, a torch tensor out), which 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import platform
@@ -105,6 +106,11 @@ def python_backend_repo(exported: Path, dest: Path) -> Path:
     return dest
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies (no orphaned server after a crash)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class TritonServer:
     """``with TritonServer(repo, workdir) as s:`` a tritonserver process on free loopback ports; stopped
     (SIGINT, then SIGKILL of its process group) on exit. ``s.grpc_url`` / ``s.http_url`` for clients."""
@@ -143,7 +149,7 @@ class TritonServer:
         ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self._wait("/v2/health/live", ServerUnavailable)
         except BaseException:
