@@ -161,6 +161,39 @@ class Upscaler:
         return cls(backend, config, model_id=backend.model_id if backend.model_id != "custom" else p.stem,
                    weights_sha256=digest)
 
+    @classmethod
+    def from_triton(
+        cls,
+        url: str,
+        model: str,
+        *,
+        version: str | int = "",
+        precision: str | None = None,
+        config: TileConfig | None = None,
+        tile: int | None = None,
+        overlap: int | None = None,
+        batch: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Upscaler:
+        """A model served by Triton Inference Server (``grpc://host:8001``, ``http://host:8000``): tiling and
+        blending run here, tiles go to the server in batches (:class:`medsr.runtime.triton_backend.TritonBackend`).
+
+        Tiles keep one fixed shape (``TileConfig(fit=False)`` unless ``config`` says otherwise): Triton's dynamic
+        batcher only merges requests of equal shapes, so fixed tiles let it batch across images and clients.
+        ``precision`` None = the served model's; another one is refused. ``batch`` None = the largest preferred
+        batch of the server's dynamic batcher.
+        """
+        from dataclasses import replace
+
+        from medsr.runtime.triton_backend import DEFAULT_TIMEOUT_S, TritonBackend
+
+        # config as given (ValueError with tile/overlap/batch too); else the defaults with fixed-shape tiles
+        config = _config(config, tile, overlap, batch) if config is not None else \
+            replace(_config(None, tile, overlap, batch), fit=False)
+        backend = TritonBackend(url, model, version=version, batch=config.batch, precision=precision,
+                                timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+        return cls(backend, config)
+
     # properties ------------------------------------------------------------------------------
     @property
     def scale(self) -> int:

@@ -1,4 +1,5 @@
-"""medsr-export: weights -> ONNX (fp32, fp16) with parity checks -> TensorRT engine + JSON sidecar."""
+"""medsr-export: weights -> ONNX (fp32, fp16) with parity checks -> TensorRT engine + JSON sidecar
+(-> a Triton model repository with --triton)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file (default: <output dir>/timing.cache).")
 @click.option("-o", "--output", help="Engine (.plan) or ONNX (.onnx) path (default: the recipe's, e.g. engines/cxr_x4.plan).")
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path), metavar="REPO",
+              help="Also write a Triton model repository: REPO/NAME/config.pbtxt + REPO/NAME/VERSION/model.onnx "
+                   "(or model.plan). See docs/scale.md.")
+@click.option("--triton-name", help="Model name in the repository (default: the recipe name).")
+@click.option("--triton-platform", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="onnx: Triton's ONNX Runtime backend (portable); tensorrt: the engine built here (the server needs "
+                   "the same TensorRT version and GPU model).")
+@click.option("--triton-kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Instance group kind. gpu serves the fp16 ONNX when one is exported; cpu always the fp32 ONNX.")
+@click.option("--triton-instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances (per GPU for gpu).")
+@click.option("--triton-version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model version directory; config.pbtxt serves exactly this version.")
+@click.option("--triton-overwrite", is_flag=True, help="Replace an existing model version (default: refuse).")
 def main(
     model_name: str | None,
     weights: str | None,
@@ -40,6 +55,13 @@ def main(
     opt_level: int,
     timing_cache: str | None,
     output: str | None,
+    triton_repo: Path | None,
+    triton_name: str | None,
+    triton_platform: str,
+    triton_kind: str,
+    triton_instances: int,
+    triton_version: int,
+    triton_overwrite: bool,
 ) -> None:
     """Export a super-resolution model to ONNX and build a TensorRT engine (when TensorRT and a GPU exist)."""
     from medsr.arch import fold_to_gray
@@ -51,6 +73,8 @@ def main(
 
     if model_name and weights:
         raise click.UsageError("give --model or --weights, not both")
+    if triton_repo is not None and triton_platform == "tensorrt" and onnx_only:
+        raise click.UsageError("--triton-platform tensorrt serves the engine built here; drop --onnx-only")
     try:
         r = get_recipe(recipe)
     except (KeyError, ValueError) as e:
@@ -75,6 +99,20 @@ def main(
     else:
         onnx32 = out.with_suffix(".onnx")
     want16 = r.fp16 if fp16 is None else fp16
+    triton = None
+    if triton_repo is not None:
+        from medsr.export.triton import check_name
+
+        try:
+            name = check_name(triton_name or r.name)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+
+        def triton(src: Path) -> None:
+            _write_triton(src, triton_repo, name, batch=batch or r.batch, max_batch=max_batch or r.max_batch,
+                          kind=triton_kind, instances=triton_instances, version=triton_version,
+                          overwrite=triton_overwrite)
+
     try:
         click.echo(f"[medsr-export] {model_id} (x{desc.scale}, {model.num_in_ch} ch) recipe {r.name}")
         res = export_onnx(model, onnx32, precision="fp32", model_id=model_id, weights_sha256=loaded.sha256,
@@ -90,13 +128,22 @@ def main(
             engine_src = res16.path
     except Exception as e:
         raise click.ClickException(f"ONNX export failed: {e}") from e
+    # the ONNX Triton serves: fp16 on GPU instances when exported (its casts keep fp32 I/O), else fp32
+    triton_onnx = engine_src if triton_kind == "gpu" else res.path
     if onnx_only:
         click.echo("  --onnx-only: no engine built")
+        if triton:
+            triton(triton_onnx)
         return
     ok, why = tensorrt_status()
     if not ok:
         click.echo(f"  engine step SKIPPED: {why}. The ONNX files above are complete and validated; "
                    f"build {out} on a machine with TensorRT 10+ and a CUDA GPU (same command).", err=True)
+        if triton and triton_platform == "tensorrt":
+            raise click.ClickException("--triton-platform tensorrt: no engine was built here, so no Triton model was "
+                                       "written (use --triton-platform onnx, or run this on the TensorRT machine)")
+        if triton:
+            triton(triton_onnx)
         sys.exit(1 if explicit_engine else 0)
     profile = profile_for_tiles(res.descriptor, tile=tile or r.tile, overlap=r.overlap, batch=batch or r.batch,
                                 max_batch=max_batch or r.max_batch)
@@ -108,6 +155,26 @@ def main(
     click.echo(f"  wrote {out} + {out.with_suffix('.json').name}: TensorRT {side['tensorrt_version']}, "
                f"{side['gpu_name']} (sm {side['compute_capability']}), profile {side['profile']}, "
                f"{side['build'].get('seconds')} s")
+    if triton:
+        triton(out if triton_platform == "tensorrt" else triton_onnx)
+
+
+def _write_triton(src: Path, repo: Path, name: str, **kw: object) -> None:
+    from medsr.export.triton import export_triton
+    from medsr.runtime.backend import BackendError
+
+    try:
+        t = export_triton(src, repo, name=name, **kw)  # type: ignore[arg-type]
+    except FileExistsError as e:
+        raise click.ClickException(f"{e}: pass --triton-version N for a new version, or --triton-overwrite") from None
+    except (BackendError, ValueError, OSError) as e:
+        raise click.ClickException(f"Triton repository not written: {e}") from None
+    c = t.config
+    check = ("validated as Triton ModelConfig" if t.validated
+             else "NOT validated: tritonclient is not installed (pip install 'medsr[triton]')")
+    click.echo(f"  wrote {t.config_path} + {t.model_path.relative_to(t.model_dir)} ({c.platform}, "
+               f"{c.io_dtype} I/O, max_batch_size {c.max_batch_size}, preferred {list(c.preferred_batch_sizes)}, "
+               f"{c.instances} x {c.kind}); {check}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -140,7 +140,11 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False),
               help="Engine or model file: .plan (TensorRT), .onnx (ONNX Runtime), .pth/.safetensors (PyTorch).")
 @click.option("--model", help="Registered model name or weights path (default: medsr-cxr-x4, the shipped "
-              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model).")
+              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model); with --triton, the name of "
+              "the model on the server.")
+@click.option("--triton", "triton_url", metavar="URL",
+              help="Run on a Triton Inference Server (grpc://HOST:8001, http://HOST:8000): tiles go to the server "
+                   "in batches; needs --model NAME. See docs/scale.md.")
 @click.option("--tile", type=int, default=None, help="LR tile edge in pixels, overlap included.")
 @click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
@@ -164,7 +168,8 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray: upscale actors (default: one per GPU, or one per 2 CPUs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, tile: int | None,
+def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, triton_url: str | None,
+         tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
          overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
          workers: int | None, quiet: bool) -> None:
@@ -177,6 +182,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
 
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
+    if triton_url:
+        _check_triton_args(model, engine, runtime, device, compile_)
     from medsr.runtime.contract import engine_kind
 
     if compile_ and ((engine and engine_kind(engine) != "weights") or runtime not in ("auto", "torch")):
@@ -189,7 +196,9 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     d = TileConfig()
     try:  # the one TileConfig of the run, checked before the model loads
         t = d.tile if tile is None else tile
-        config = TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch)
+        # Triton: fixed-shape tiles, so the server's dynamic batcher can merge requests across images and clients
+        config = TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch,
+                            fit=not triton_url)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     walk = collect_jobs(list(inputs), outdir)
@@ -198,6 +207,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     if workers is not None and ray_address is None:
         raise click.UsageError("--workers applies to --ray")
     if ray_address is not None:
+        if triton_url:
+            raise click.UsageError("give --ray (workers load the model) or --triton (a server runs it), not both")
         if compile_:
             raise click.UsageError("--compile is not available with --ray")
         from medsr.scale.ray_batch import LoadSpec, RayOptions
@@ -212,7 +223,12 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
                  overwrite, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, quiet, outdir)
     try:
-        up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
+        if triton_url:
+            from medsr.api import Upscaler
+
+            up = Upscaler.from_triton(triton_url, model, precision=precision, config=config)  # type: ignore[arg-type]
+        else:
+            up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
     except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
         click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
         sys.exit(2)
@@ -327,6 +343,17 @@ def _short(e: BaseException) -> str:
 
     lines = [ln.strip() for ln in str(e).splitlines() if re.match(r"^\s*[\w.]+(Error|Exception): ", ln)]
     return (lines[-1] if lines else f"{type(e).__name__}: {str(e).strip()[:300]}")[:500]
+
+
+def _check_triton_args(model: str | None, engine: str | None, runtime: str, device: str, compile_: bool) -> None:
+    """--triton runs the server's model: local engine, runtime, device and compile options do not apply."""
+    if not model:
+        raise click.UsageError("--triton needs --model NAME (the model's name on the Triton server)")
+    if engine:
+        raise click.UsageError("give --engine (a local engine) or --triton (a server), not both")
+    if runtime != "auto" or device != "auto" or compile_:
+        raise click.UsageError("--runtime, --device and --compile apply to local engines; with --triton the "
+                               "server's model configuration decides (instance_group, platform)")
 
 
 def _bar_progress(bar):  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""The one small interface every inference backend implements (PyTorch, ONNX Runtime, OpenVINO, TensorRT)."""
+"""The one small interface every inference backend implements (PyTorch, ONNX Runtime, OpenVINO, TensorRT,
+the Triton client)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ The runtime owns it and reads it; ``medsr.export`` writes it. Nothing here impor
 * file kinds: which suffix opens which backend;
 * ONNX: tensor names, ``medsr.*`` metadata fields, the fp32/fp16 file-name convention;
 * TensorRT: the optimization profile over tile shapes and the JSON sidecar beside every ``.plan``;
+* Triton: the tensor datatypes and the ``medsr.*`` model-config parameters a served model carries;
 * output finishing: what every backend returns (float32 in [0, 1], NaN/Inf kept as NaN for the runtime's check).
 """
 
@@ -343,6 +344,20 @@ def check_tensorrt_version(version: str) -> None:
             f"TensorRT {version} is too old: medsr needs TensorRT {MIN_TENSORRT_MAJOR} or newer "
             "(named I/O tensors, execute_async_v3, build_serialized_network)"
         )
+
+
+# ----------------------------------------------------------------------------------- Triton
+
+#: Triton (KServe v2) datatypes of the I/O dtypes a medsr model may carry; config.pbtxt spells them
+#: ``TYPE_<datatype>``. The Triton client sends and receives tiles in the served model's own datatype.
+TRITON_DATATYPES = {"float32": "FP32", "float16": "FP16"}
+
+
+def triton_parameters(meta: dict[str, str]) -> dict[str, str]:
+    """The config.pbtxt ``parameters`` of a served model: its ``medsr.*`` metadata, prefix kept, so a client
+    learns scale, channels, precision, model id and weights sha256 from the server's model configuration
+    (read back with :func:`metadata_from_map`)."""
+    return {META_PREFIX + k: v for k, v in meta.items()}
 
 
 # ----------------------------------------------------------------------------------- output
