@@ -206,3 +206,22 @@ def test_memory_table_runs_each_cpu_path_in_its_own_process(tmp_path) -> None:
         assert r.status == "ok", r.status
         assert 0.05 < r.peak_rss_gb < 3.0  # a real process's RSS (python + torch), not a placeholder
     assert "| torch-fp32 |" in memory_markdown(rows, "tiny", (40, 30))
+
+
+def test_fastest_accurate_path_needs_the_error_bar_and_the_16_bit_round_trip() -> None:
+    from medsr.bench.measure import error_stats
+    from medsr.bench.report import fastest_accurate
+
+    ref = np.random.default_rng(0).random((3, 8, 8))
+    exact, coarse = error_stats(ref + 1e-4, ref), error_stats(ref + 0.01, ref)
+    assert exact["roundtrip16"] and exact["mean_abs_err"] == pytest.approx(1e-4, rel=0.05)
+    assert coarse["mean_abs_err"] > 0.5 / 255
+    rows = [
+        {"path": "slow-exact", "status": "ok", "device": "cpu", "ms_per_tile": 10.0, **exact},
+        {"path": "fast-coarse", "status": "ok", "device": "cpu", "ms_per_tile": 1.0, **coarse},
+        {"path": "mid-exact", "status": "ok", "device": "cpu", "ms_per_tile": 5.0, **exact},
+        {"path": "gpu", "status": "ok", "device": "cuda", "ms_per_tile": 0.1, **exact},
+    ]
+    assert fastest_accurate({"paths": rows}, "cpu") == "mid-exact"
+    rows[2]["roundtrip16"] = False
+    assert fastest_accurate({"paths": rows}, "cpu") == "slow-exact"

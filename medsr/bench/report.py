@@ -45,18 +45,38 @@ def _f(v: Any, fmt: str = ".3g", none: str = "-") -> str:
 def paths_table(result: dict[str, Any]) -> str:
     """The main table: one row per path, skipped paths with their reason."""
     head = ("| path | device | ms/tile | LR MP/s | TFLOP/s | % of GEMM peak | peak RSS MB | peak GPU MB "
-            "| max abs err | PSNR dB vs fp32 |")
-    lines = [head, "|" + "---|" * 10]
+            "| max abs err | mean abs err (x255) | PSNR dB vs fp32 | 16-bit round trip |")
+    lines = [head, "|" + "---|" * 12]
     for r in result["paths"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['path']} | skipped: {r.get('reason', '?')} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['path']} | skipped: {r.get('reason', '?')} |" + "  |" * 10)
             continue
+        mean = r.get("mean_abs_err")
+        rt = r.get("roundtrip16")
         lines.append(
             f"| {r['path']} | {r.get('device', '')} | {_f(r['ms_per_tile'], '.2f')} | {_f(r['lr_mpix_s'], '.4g')} "
             f"| {_f(r['tflops'], '.3g')} | {_f(r.get('pct_peak'), '.1f')} | {_f(r['peak_rss_mb'], '.0f')} "
-            f"| {_f(r.get('peak_gpu_mb'), '.0f')} | {_f(r['max_abs_err'], '.2e')} | {_f(r['psnr_db'], '.2f')} |"
+            f"| {_f(r.get('peak_gpu_mb'), '.0f')} | {_f(r['max_abs_err'], '.2e')} "
+            f"| {_f(None if mean is None else mean * 255, '.3g')} | {_f(r['psnr_db'], '.2f')} "
+            f"| {'-' if rt is None else ('ok' if rt else 'FAILS')} |"
         )
+    best = fastest_accurate(result, "cpu")
+    if best:
+        lines += ["", f"Fastest CPU path within 0.5/255 mean error of fp32 whose output passes the 16-bit round trip: "
+                      f"**{best}**."]
     return "\n".join(lines)
+
+
+#: the accuracy bar for a default path: mean abs error vs fp32 at most half a grey level of 8 bits
+MEAN_ERROR_BAR = 0.5 / 255
+
+
+def fastest_accurate(result: dict[str, Any], device: str) -> str | None:
+    """The fastest ``device`` path whose mean error vs fp32 is within :data:`MEAN_ERROR_BAR` and whose
+    output passes the 16-bit round trip (None: no such path measured)."""
+    ok = [r for r in result["paths"] if r.get("status") == "ok" and r.get("device") == device
+          and r.get("mean_abs_err") is not None and r["mean_abs_err"] <= MEAN_ERROR_BAR and r.get("roundtrip16")]
+    return min(ok, key=lambda r: r["ms_per_tile"])["path"] if ok else None
 
 
 def render_markdown(result: dict[str, Any], pngs: dict[str, str] | None = None) -> str:
@@ -84,7 +104,9 @@ def render_markdown(result: dict[str, Any], pngs: dict[str, str] | None = None) 
         "",
     ]
     for key, p in sorted(result.get("peaks", {}).items()):
-        out.append(f"- {key}: " + (f"{p['tflops']:.3g} TFLOP/s (n={p['n']})" if p.get("tflops") else f"n/a ({p.get('error')})"))
+        tried = ", ".join(f"n={n}: {t:.3g}" for n, t in (p.get("tried") or {}).items())
+        out.append(f"- {key}: " + (f"{p['tflops']:.3g} TFLOP/s (n={p['n']}; tried {tried or p['n']})" if p.get("tflops")
+                                   else f"n/a ({p.get('error')})"))
     out.append("")
     if pngs and PATHS_PNG in pngs:
         out += [f"![paths]({PATHS_PNG})", ""]

@@ -56,8 +56,7 @@ class BenchConfig:
                            scaling_tile=256, scaling_overlap=16, overhead_hw=(1024, 1024), preset="quick")
             return cls(model="realesrgan-x4plus", tile=48, batch=1, repeats=2, warmup=1,
                        scaling_sizes=[(40, 40), (40, 80), (80, 80), (80, 120), (120, 120)], scaling_tile=48,
-                       scaling_overlap=8, overhead_hw=(80, 80), overhead_default_tile=False, gemm_n=1024,
-                       preset="quick")
+                       scaling_overlap=8, overhead_hw=(80, 80), overhead_default_tile=False, preset="quick")
         if preset == "full":
             if gpu:
                 return cls(model="realesrgan-x4plus", tile=256, batch=4, repeats=10, warmup=3, paths=gpu_paths,
