@@ -111,12 +111,14 @@ class Upscaler:
         config: TileConfig | None = None,
     ) -> Upscaler:
         """What ``medsr-infer`` loads: a registered name, weights or an engine file (None: the default model),
-        on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO when installed)."""
-        from medsr.runtime.engines import auto_runtime
+        on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO when installed,
+        in bf16 when the CPU has native bf16 and ``precision`` is None; see ``engines.auto_precision``)."""
+        from medsr.runtime.engines import auto_precision, auto_runtime
         from medsr.weights import DEFAULT_MODEL
 
         if runtime == "auto":
             runtime = "torch" if compile else auto_runtime(str(spec or DEFAULT_MODEL), device, precision)
+            precision = auto_precision(runtime, precision)
         if runtime == "torch":
             return cls.from_pretrained(spec, device=device, precision=precision or "fp32", compile=compile, config=config)
         return cls.from_engine(spec or DEFAULT_MODEL, runtime=runtime, device=device, precision=precision, config=config)

@@ -179,3 +179,25 @@ def test_openvino_ir_and_weights_keep_identity(onnx_pair: tuple[torch.nn.Module,
     x = (np.random.default_rng(0).random((20, 18)) * 65535).astype(np.uint16)
     assert up.backend.name == "openvino" and up.weights_sha256 == ref.weights_sha256
     assert np.abs(up(x).astype(int) - ref(x).astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(not HAS_OV, reason="openvino not installed")
+def test_cpu_default_is_openvino_bf16_where_native_else_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upscaler.load with no runtime/precision on a CPU: OpenVINO, bf16 exactly when the CPU has native
+    bf16; an explicit precision, another runtime or a file engine keeps its own."""
+    from medsr.runtime import openvino_backend
+    from medsr.runtime.engines import auto_precision
+
+    w = tmp_path / "tiny.pth"
+    torch.save({"params_ema": tiny_rrdb(2, 3, seed=1).state_dict()}, w)
+    for native in (True, False):
+        monkeypatch.setattr(openvino_backend, "native_bf16", lambda native=native: native)
+        assert auto_precision("openvino", None) == ("bf16" if native else "fp32")
+        assert auto_precision("openvino", "fp32") == "fp32" and auto_precision("onnxruntime", None) is None
+        assert auto_precision("torch", None) is None
+    monkeypatch.undo()
+    up = Upscaler.load(str(w), device="cpu")
+    assert up.backend.name == "openvino"
+    assert up.backend.precision == ("bf16" if openvino_backend.native_bf16() else "fp32")
+    assert Upscaler.load(str(w), device="cpu", precision="fp32").backend.precision == "fp32"
+    assert Upscaler.load(str(w), device="cpu", runtime="torch").backend.name == "torch"

@@ -99,14 +99,15 @@ def render_markdown(result: dict[str, Any], pngs: dict[str, str] | None = None) 
         paths_table(result),
         "",
         "Error columns compare each path's output with plain PyTorch fp32 on the same device and input. "
-        "% of GEMM peak: achieved model TFLOP/s over a square `torch.matmul` in the path's precision, "
+        "% of GEMM peak: achieved model TFLOP/s over the best square GEMM in the path's precision "
+        "(`torch.matmul`, and OpenVINO's MatMul on the CPU), "
         "measured in this run:",
         "",
     ]
     for key, p in sorted(result.get("peaks", {}).items()):
-        tried = ", ".join(f"n={n}: {t:.3g}" for n, t in (p.get("tried") or {}).items())
-        out.append(f"- {key}: " + (f"{p['tflops']:.3g} TFLOP/s (n={p['n']}; tried {tried or p['n']})" if p.get("tflops")
-                                   else f"n/a ({p.get('error')})"))
+        tried = ", ".join(f"{k}: {t:.3g}" for k, t in (p.get("tried") or {}).items())
+        out.append(f"- {key}: " + (f"{p['tflops']:.3g} TFLOP/s ({p.get('library', 'torch')}, n={p['n']}; tried {tried or p['n']})"
+                                   if p.get("tflops") else f"n/a ({p.get('error')})"))
     out.append("")
     if pngs and PATHS_PNG in pngs:
         out += [f"![paths]({PATHS_PNG})", ""]

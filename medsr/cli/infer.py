@@ -150,10 +150,12 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
-              help="fp32 (IEEE, also on CUDA), tf32 (CUDA), fp16 (CUDA), bf16. Default: fp32 for weights, the "
-                   "file's own for .onnx/.plan; another one is honoured or refused, never ignored.")
+              help="fp32 (IEEE, also on CUDA), tf32 (CUDA), fp16 (CUDA), bf16. Default: weights on a CPU run "
+                   "OpenVINO bf16 where the CPU has native bf16 (else fp32; mean error vs fp32 0.25/255), weights on "
+                   "CUDA fp32, .onnx/.plan the file's own; another one is honoured or refused, never ignored.")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]), default="auto",
-              show_default=True, help="Inference engine; auto: from the file type (weights -> PyTorch).")
+              show_default=True, help="Inference engine; auto: from the file type (weights: OpenVINO on a CPU when "
+                                      "installed, else PyTorch).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (PyTorch only; slow first tile).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,

@@ -38,6 +38,15 @@ def _import_openvino() -> Any:
     return ov
 
 
+def native_bf16() -> bool:
+    """True when OpenVINO can run bf16 natively on this CPU (AVX512-BF16 or AMX); False without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
 
@@ -61,10 +70,9 @@ class OpenVINOBackend(Backend):
         if precision not in _HINT:
             raise BackendError(f"OpenVINO runs fp32 or bf16 on the CPU, not {precision!r}")
         self._core = ov.Core()
-        if precision == "bf16":
+        if precision == "bf16" and not native_bf16():
             caps = self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            if "BF16" not in caps:
-                raise BackendError(f"this CPU has no native bf16 (OpenVINO capabilities: {caps}); use precision fp32")
+            raise BackendError(f"this CPU has no native bf16 (OpenVINO capabilities: {caps}); use precision fp32")
         self.path: Path | None = None
         if _model is not None:  # an RRDBNet-like module (weights path opened by open_backend)
             ov_model, meta = _model
