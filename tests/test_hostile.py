@@ -236,11 +236,11 @@ def test_sigterm_mid_batch_stops_cleanly(tmp_path: Path, model_path: Path) -> No
            "--tile", "32", "--overlap", "8", str(src), "-o", str(out)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("*.png"))):
-        time.sleep(0.02)
+    while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("[!.]*.png"))):  # a finished one,
+        time.sleep(0.02)  # not the hidden temp file being streamed
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
-    written = sorted(out.glob("*.png"))
+    written = sorted(out.glob("[!.]*.png"))
     assert p.returncode == 130, err
     assert "interrupted (signal 15)" in err and "Traceback" not in err
     assert 0 < len(written) < 60 and not _temps(out)
