@@ -285,7 +285,16 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     t0 = time.monotonic()
     k = threading.Thread(target=killer)
     k.start()
-    assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0] * n  # Orthanc keeps receiving
+    statuses = send(DICOM, srcs, calling="MODALITY", called="ORTHANC")
+    # Orthanc keeps receiving. Its association with the sender has (rarely, once in CI) ended early while
+    # the node was killed; a modality re-sends what was not acknowledged, and so does this test (counted in
+    # the report). What is asserted is medsr's side: every acknowledged source arrives derived, once.
+    resent = [s for s, st in zip(srcs, statuses, strict=True) if st != 0]
+    if resent:
+        again = send(DICOM, resent, calling="MODALITY", called="ORTHANC")
+        assert again == [0] * len(resent), (
+            f"{sum(st == 0 for st in again)} of {len(resent)} re-sent stored; Orthanc log: "
+            + (orthanc.root / "orthanc.log").read_text(errors="replace")[-3000:])
     k.join(70)
     assert "arrived_at_kill" in state, "the node was never killed"
     time.sleep(1.0)
@@ -312,4 +321,5 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     text = node.log_text()
     assert "spool: resuming" in text or state["spooled_at_kill"] == 0
     _report("kill_restart_500", {**state, "orthanc_jobs_resubmitted": len(failed), "seconds": round(dt, 2),
+                                 "sender_resent_to_orthanc": len(resent),
                                  "lost": n - len(set(got))})
