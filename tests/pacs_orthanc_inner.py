@@ -239,6 +239,35 @@ def test_stow_rs_destination(orthanc: Orthanc, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
+def test_orthanc_down_for_a_while_then_everything_arrives(orthanc: Orthanc, tmp_path: Path) -> None:
+    """The destination (real Orthanc) is stopped while the node receives 40 instances; the node keeps them
+    in its spool and retries with backoff; once Orthanc is back all arrive, once each."""
+    n = 40
+    weights = tiny_weights(tmp_path / "tiny.pth")
+    cfg = tmp_path / "down.toml"
+    cfg.write_text(node_toml(tmp_path / "spool", NODE + 2, DICOM, weights=weights, dest_ae="ORTHANC",
+                             backoff=(0.2, 1.0), syntax=ORTHANC_SYNTAX, extra="[log]\nlevel = \"info\"\n"))
+    orthanc.stop()
+    proc = start_node_process(cfg, tmp_path / "down.log")
+    try:
+        assert wait_listening(NODE + 2, proc)
+        srcs = _study(n, "1.2.826.0.1.3680043.8.498.4242.5")
+        assert send(NODE + 2, srcs) == [0] * n  # the node acknowledges: spooled, the destination is down
+        time.sleep(3.0)  # a few failed attempts
+        log = (tmp_path / "down.log").read_text()
+        assert "forwarded" not in log and "dead-lettered" not in log, log[-2000:]
+        orthanc.start()
+        got = _wait_derived(orthanc, srcs, 60, weights)
+        assert sorted(got) == sorted(expected_derived_uid(s, weights) for s in srcs), log[-2000:]
+        assert not list((tmp_path / "spool" / "dead").glob("*.dcm"))
+        _report("destination_down", {"instances": n, "down_s": 3.0, "arrived_after_restart": len(got)})
+    finally:
+        if orthanc.proc is None:
+            orthanc.start()
+        assert stop_process(proc, signal.SIGTERM) == 0
+
+
+@pytest.mark.timeout(150)
 def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     """500 instances through Orthanc -> node -> Orthanc: 0 lost, 0 duplicated; then 500 more with the
     node SIGKILLed mid-run and restarted: 0 lost (Orthanc's failed store jobs resubmitted)."""

@@ -52,7 +52,7 @@ def test_orthanc_round_trip_load_and_kill(tmp_path: Path) -> None:
         pytest.fail(f"Orthanc scenario timed out:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-6000:]
     last = out.strip().splitlines()[-1]
-    assert "3 passed" in last and "failed" not in last and "skipped" not in last, out[-3000:]
+    assert "4 passed" in last and "failed" not in last and "skipped" not in last, out[-3000:]
     figures = json.loads(report.read_text())
     print("\nmedsr-node with Orthanc:", json.dumps(figures, indent=2))
     assert figures["kill_restart_500"]["lost"] == 0
