@@ -109,12 +109,18 @@ class Upscaler:
         precision: str | None = None,
         compile: bool = False,
         config: TileConfig | None = None,
+        tile: int | None = None,
+        overlap: int | None = None,
+        batch: int | None = None,
     ) -> Upscaler:
-        """What ``medsr-infer`` loads: a registered name, weights or an engine file (None: the default model),
-        on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO when installed,
-        in bf16 when the CPU has native bf16 and ``precision`` is None; see ``engines.auto_precision``)."""
+        """What ``medsr-infer`` and ``medsr-node`` load: a registered name, weights or an engine file (None: the
+        default model), on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO
+        when installed, in bf16 when the CPU has native bf16 and ``precision`` is None; see
+        ``engines.auto_precision``). Tiling: ``config``, or ``tile``/``overlap``/``batch`` over the defaults."""
         from medsr.runtime.engines import auto_precision, auto_runtime
         from medsr.weights import DEFAULT_MODEL
+
+        config = _config(config, tile, overlap, batch)
 
         if runtime == "auto":
             runtime = "torch" if compile else auto_runtime(str(spec or DEFAULT_MODEL), device, precision)

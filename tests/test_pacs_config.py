@@ -141,3 +141,25 @@ def test_sigterm_stops_the_node_gracefully(tmp_path: Path) -> None:
             p.wait(10)
     assert p.returncode == 0, out
     assert "signal SIGTERM: stopping" in out and "stopped: received 0" in out and "Traceback" not in out
+
+
+def test_node_loads_its_model_by_the_rule_of_medsr_infer(tmp_path: Path) -> None:
+    """No [model] precision: the node's upscaler is what Upscaler.load (medsr-infer) picks on that device;
+    an explicit precision is honoured."""
+    import importlib.util
+
+    from medsr import Upscaler
+    from medsr.pacs import Node, load_config
+
+    w = tiny_weights(tmp_path / "tiny.pth")
+    text = node_toml(tmp_path / "spool", free_port(), 104, weights=w)
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.model.precision is None
+    (up,) = Node(cfg).build_upscalers()
+    ref = Upscaler.load(str(w), device="cpu")
+    assert (up.backend.name, up.backend.precision) == (ref.backend.name, ref.backend.precision)
+    if importlib.util.find_spec("openvino") is not None:
+        assert up.backend.name == "openvino"
+    cfg = load_config(_write(tmp_path, text.replace("[model]\n", '[model]\nprecision = "fp32"\n')))
+    (up,) = Node(cfg).build_upscalers()
+    assert up.backend.precision == "fp32" and up.config.tile == 32 and up.config.overlap == 4

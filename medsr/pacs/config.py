@@ -73,7 +73,7 @@ class ModelConfig:
     name: str | None = None  # registered model or weights file; None: medsr's default model
     engine: Path | None = None  # .onnx / .plan engine instead of weights
     devices: tuple[str, ...] = ("cpu",)  # one worker (one Upscaler) per entry
-    precision: str = "fp32"
+    precision: str | None = None  # None: medsr-infer's default (medsr.Upscaler.load)
     tile: int | None = None
     overlap: int | None = None
     batch: int | None = None
@@ -300,7 +300,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         name=name,
         engine=engine,
         devices=devices,
-        precision=c.string(t, "model", "precision", m.precision, ("fp32", "fp16", "bf16")),
+        precision=c.string(t, "model", "precision", "fp32", ("fp32", "tf32", "fp16", "bf16")) if "precision" in t else None,
         tile=c.integer(t, "model", "tile", None, 8),
         overlap=c.integer(t, "model", "overlap", None, 0),
         batch=c.integer(t, "model", "batch", None, 1),

@@ -164,12 +164,9 @@ class Node:
 
             torch.set_num_threads(m.threads)
         ups = []
-        for dev in m.devices:
-            kw = {"device": dev, "precision": m.precision, "tile": m.tile, "overlap": m.overlap, "batch": m.batch}
-            if m.engine is not None:
-                ups.append(Upscaler.from_engine(m.engine, **kw))
-            else:
-                ups.append(Upscaler.from_pretrained(m.name, **kw))
+        for dev in m.devices:  # the loading rule of medsr-infer (runtime and precision from the file and device)
+            ups.append(Upscaler.load(str(m.engine) if m.engine is not None else m.name, device=dev,
+                                     precision=m.precision, tile=m.tile, overlap=m.overlap, batch=m.batch))
         return ups
 
     def start(self) -> None:
