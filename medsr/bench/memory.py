@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: (name, file kind, runtime, precision): the CPU paths of medsr-infer
+#: (name, file kind, runtime, precision): the CPU paths of medsr-infer (precision "": none given)
 CPU_PATHS: tuple[tuple[str, str, str, str], ...] = (
-    ("default", "weights", "auto", "fp32"),  # what medsr-infer runs with no --runtime (OpenVINO from weights)
+    ("default", "weights", "auto", ""),  # what medsr-infer runs with neither --runtime nor --precision
     ("torch-fp32", "weights", "torch", "fp32"),
     ("torch-bf16", "weights", "torch", "bf16"),
     ("ort-cpu-fp32", "onnx", "onnxruntime", "fp32"),
@@ -80,7 +80,7 @@ def run_memory(
                         rows.append(MemoryRow(name, None, None, f"skipped: cannot export ONNX ({e})"))
                         continue
                 engine = str(onnx_path)
-            args = ["--quiet", "--device", "cpu", "--runtime", runtime, "--precision", precision,
+            args = ["--quiet", "--device", "cpu", "--runtime", runtime, *(["--precision", precision] if precision else []),
                     "--engine" if kind == "onnx" or Path(model).suffix else "--model", engine,
                     str(src), "-o", str(work / f"out-{name}")]
             if tile:
