@@ -305,10 +305,7 @@ class Upscaler:
         from medsr.io import read_image, write_image
 
         src, dst = Path(src), Path(dst)
-        if dst.exists() and dst.resolve() == src.resolve():
-            raise ValueError(f"{dst}: refusing to write over the input file")
-        if dst.exists() and not overwrite:
-            raise FileExistsError(f"{dst}: output exists (pass overwrite=True to replace it)")
+        check_output(src, dst, overwrite=overwrite)
         img = read_image(src, max_pixels=max_pixels)
         dst.parent.mkdir(parents=True, exist_ok=True)
         return write_image(self.upscale_image(img, progress=progress, dicom_syntax=dicom_syntax), dst)
@@ -319,6 +316,16 @@ class Upscaler:
         from medsr.io.dicom import image_from_dataset
 
         return self.upscale_image(image_from_dataset(ds), dicom_syntax=dicom_syntax).dataset
+
+
+def check_output(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    """The output rules, before any work: ValueError when ``dst`` is ``src``; FileExistsError when ``dst``
+    exists and ``overwrite`` is off."""
+    d = Path(dst)
+    if d.exists() and d.resolve() == Path(src).resolve():
+        raise ValueError(f"{d}: refusing to write over the input file")
+    if d.exists() and not overwrite:
+        raise FileExistsError(f"{d}: output exists (pass overwrite=True to replace it)")
 
 
 def _config(config: TileConfig | None, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:

@@ -196,9 +196,11 @@ def _openvino_matmul(a: np.ndarray, b: np.ndarray, precision: str) -> Callable[[
         import openvino.opset13 as ops  # type: ignore[import-not-found]
     except ImportError:
         return None
-    core = ov.Core()
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    from medsr.runtime.openvino_backend import native_bf16
+
+    if precision == "bf16" and not native_bf16():
         return None
+    core = ov.Core()
     x = ops.parameter(list(a.shape), ov.Type.f32)
     model = ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x], "gemm")
     req = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],

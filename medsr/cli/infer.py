@@ -190,7 +190,6 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
 
     if compile_ and ((engine and engine_kind(engine) != "weights") or runtime not in ("auto", "torch")):
         raise click.UsageError("--compile applies to PyTorch models, not to ONNX, OpenVINO or TensorRT engines")
-    from medsr.fsutil import remove_stale_temps
     from medsr.io import DEFAULT_MAX_PIXELS
     from medsr.runtime import TileConfig, plan_tiles
     from medsr.runtime.contract import default_overlap
@@ -206,6 +205,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     walk = collect_jobs(list(inputs), outdir)
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if workers is not None and ray_address is None:
         raise click.UsageError("--workers applies to --ray")
     if ray_address is not None:
@@ -223,7 +223,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             sys.exit(2)
         load = LoadSpec(engine or model, runtime, device, precision, config, dicom_syntax)
         _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
-                 overwrite, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, quiet, outdir)
+                 overwrite, limit, quiet, outdir)
     try:
         if triton_url:
             from medsr.api import Upscaler
@@ -239,22 +239,12 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     except ValueError as e:
         raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
 
-    summary = Summary(failed=list(walk.failed))
-    for folder in sorted({j.dst.parent for j in jobs}):  # temps of runs killed mid-write
-        for stale in remove_stale_temps(folder):
-            click.echo(f"  removed stale temporary file of an interrupted run: {stale}", err=True)
-    # SIGTERM (a service stop, `kill`) ends the run like Ctrl-C: the file being written is abandoned
-    # cleanly (its temp file removed, no partial output) and the exit status is non-zero
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    summary, jobs = _start_run(walk, input_files)
     t0 = time.perf_counter()
     interrupted: str | None = None
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
     for job in files_bar:
-        if job.dst.resolve() in input_files:
-            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
-            continue
         try:
             up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar),
                             dicom_syntax=dicom_syntax)
@@ -276,6 +266,26 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     tiles_bar.close()
     files_bar.close()
     _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted)
+
+
+def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
+    """What every run does before the first file (local or Ray): outputs that would overwrite an input
+    fail, temps of runs killed mid-write are removed, and SIGTERM (a service stop, `kill`) ends the run
+    like Ctrl-C (the file being written is abandoned cleanly, the exit status is non-zero)."""
+    from medsr.fsutil import remove_stale_temps
+
+    summary = Summary(failed=list(walk.failed))
+    jobs = []
+    for job in walk.jobs:
+        if job.dst.resolve() in input_files:
+            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
+        else:
+            jobs.append(job)
+    for folder in sorted({j.dst.parent for j in jobs}):
+        for stale in remove_stale_temps(folder):
+            click.echo(f"  removed stale temporary file of an interrupted run: {stale}", err=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    return summary, jobs
 
 
 def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir: Path, interrupted: str | None) -> None:
@@ -300,25 +310,14 @@ def _run_ray(walk: Walk, input_files: set[Path], load: object, options: object, 
     """The same job on Ray Data (medsr.scale.ray_batch); same guarantees, summary and exit status."""
     from tqdm import tqdm
 
-    from medsr.fsutil import remove_stale_temps
     from medsr.scale import ray_batch
 
-    summary = Summary(failed=list(walk.failed))
-    jobs = []
-    for job in walk.jobs:
-        if job.dst.resolve() in input_files:
-            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
-        else:
-            jobs.append((job.src, job.dst))
-    for folder in sorted({d.parent for _, d in jobs}):
-        for stale in remove_stale_temps(folder):
-            click.echo(f"  removed stale temporary file of an interrupted run: {stale}", err=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    summary, jobs = _start_run(walk, input_files)
     t0 = time.perf_counter()
     interrupted: str | None = None
     bar = tqdm(total=len(jobs), desc="files (ray)", unit="file", disable=quiet)
     try:
-        for r in ray_batch.run(jobs, load, options, overwrite=overwrite, max_pixels=max_pixels,  # type: ignore[arg-type]
+        for r in ray_batch.run([(j.src, j.dst) for j in jobs], load, options, overwrite=overwrite, max_pixels=max_pixels,  # type: ignore[arg-type]
                                quiet=quiet):
             bar.update(1)
             if r["status"] == ray_batch.WRITTEN:

@@ -193,31 +193,21 @@ def write_raster(img: Image, tmp: Path) -> None:
         if arr.dtype != np.uint8:
             raise ImageWriteError("JPEG output is 8-bit only; write 16-bit data as PNG or TIFF")
         params = [cv2.IMWRITE_JPEG_QUALITY, int(img.meta.get("jpeg_quality", JPEG_QUALITY))]
-        ext = ".jpg"
     elif img.format == "png":
         params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
-        ext = ".png"
     else:
         raise ImageWriteError(f"not a raster format: {img.format!r}")
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    arr = np.ascontiguousarray(arr)
-    if tmp.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        # streamed to the file by libpng / libjpeg: no encoded copy of a 100+ MB output in memory.
-        # OpenCV reports a failed write (a full disk) only as False: an OSError without errno, which
-        # os_error_reason turns into "No space left on device" when the folder is full.
-        try:
-            ok = cv2.imwrite(str(tmp), arr, params)
-        except cv2.error as e:
-            raise OSError(f"OpenCV could not write {img.format.upper()}") from e
-        if not ok:
-            raise OSError(f"OpenCV could not write {img.format.upper()}")
-        return
-    ok, buf = cv2.imencode(ext, arr, params)
+    # streamed to the file by libpng / libjpeg (OpenCV picks the codec from tmp's suffix, which agrees with
+    # the format): no encoded copy of a 100+ MB output in memory. OpenCV reports a failed write (a full
+    # disk) only as False: an OSError without errno, which os_error_reason names "No space left on device".
+    try:
+        ok = cv2.imwrite(str(tmp), np.ascontiguousarray(arr), params)
+    except cv2.error as e:
+        raise OSError(f"OpenCV could not write {img.format.upper()}") from e
     if not ok:
-        raise ImageWriteError(f"OpenCV could not encode {img.format.upper()}")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(buf))  # no second copy of the encoded image
+        raise OSError(f"OpenCV could not write {img.format.upper()}")
 
 
 def _write_tiff(img: Image, arr: np.ndarray, tmp: Path) -> None:

@@ -10,6 +10,7 @@ follows the contract (``finish_output``); a bf16 backend's ``fallback()`` is the
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def _import_openvino() -> Any:
     return ov
 
 
+@functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """True when OpenVINO can run bf16 natively on this CPU (AVX512-BF16 or AMX); False without OpenVINO."""
     try:

@@ -60,16 +60,15 @@ def _message(src: str, e: BaseException) -> str:
 
 def read_stage(row: dict[str, Any], *, overwrite: bool, max_pixels: int | None) -> dict[str, Any]:
     """Ray task: one input read (or the reason it is skipped / failed)."""
+    from medsr.api import check_output
     from medsr.io import read_image
 
     src, dst = row["src"], row["dst"]
-    d = Path(dst)
     try:
-        if d.exists() and d.resolve() == Path(src).resolve():
-            return _row(src, dst, FAILED, f"output {dst} would overwrite an input; choose another -o")
-        if d.exists() and not overwrite:
-            return _row(src, dst, SKIPPED)
+        check_output(src, dst, overwrite=overwrite)
         return _row(src, dst, image=read_image(src, max_pixels=max_pixels))
+    except FileExistsError:
+        return _row(src, dst, SKIPPED)
     except Exception as e:  # a bad file is that row's failure, never the dataset's
         return _row(src, dst, FAILED, _message(src, e))
 
@@ -107,6 +106,7 @@ class UpscaleWorker:
 
 def write_stage(row: dict[str, Any], *, overwrite: bool) -> dict[str, Any]:
     """Ray task: the atomic write; the row comes back without its pixels."""
+    from medsr.api import check_output
     from medsr.io import write_image
 
     src, dst, img = row["src"], row["dst"], row["image"]
@@ -116,12 +116,12 @@ def write_stage(row: dict[str, Any], *, overwrite: bool) -> dict[str, Any]:
         return out
     d = Path(dst)
     try:
-        if d.exists() and not overwrite:  # written meanwhile (another run): never replaced silently
-            out["status"] = SKIPPED
-            return out
+        check_output(src, d, overwrite=overwrite)  # again: written meanwhile (another run) is never replaced
         d.parent.mkdir(parents=True, exist_ok=True)
         write_image(img, d)
         out["status"] = WRITTEN
+    except FileExistsError:
+        out["status"] = SKIPPED
     except Exception as e:
         out.update(status=FAILED, message=_message(src, e), lr_pixels=0)
     return out
