@@ -23,8 +23,9 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config", default="cxr_x4", show_default=True,
-              help="Shipped config name (cxr_x4, cxr_x4_fidelity, retina_x2) or a .toml path.")
+@click.option("--config", "config", default=None,
+              help="Shipped config name (--list-configs) or a .toml path [default: cxr_x4; mr_through_plane with "
+                   "--volumes/--adapt].")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Folder of ground-truth (HR) images.")
 @click.option("--val", type=click.Path(exists=True, file_okay=False), help="Validation folder (HR images, or hr/ + lr/).")
 @click.option("--max-iters", type=int, help="Total iterations of the GAN stage (train.total_iter).")
@@ -42,11 +43,18 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
 @click.option("--set", "sets", multiple=True, help="Any config key: section.key=value (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-configs", is_flag=True, help="List the shipped configs and exit.")
+@click.option("--volumes", type=click.Path(exists=True, file_okay=False),
+              help="Train a through-plane volume model on the (near) isotropic NIfTI/MGZ volumes in this folder.")
+@click.option("--holdout", multiple=True, help="With --volumes: a volume (file stem) held out for validation.")
+@click.option("--adapt", type=click.Path(exists=True),
+              help="Per-volume adaptation: fine-tune the through-plane model on this scan's own in-plane slices.")
+@click.option("--minutes", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="With --adapt: how long to fine-tune.")
 def main(
     config: str, data: str | None, val: str | None, max_iters: int | None, batch: int | None, crop: int | None,
     device: str | None, out: str | None, resume: str | None, vgg: str | None, pretrained: str | None,
     from_scratch: bool, model_override: str | None, tiny: bool, sets: tuple[str, ...], no_progress: bool,
-    list_configs: bool,
+    list_configs: bool, volumes: str | None, holdout: tuple[str, ...], adapt: str | None, minutes: float,
 ) -> None:
     """Fine-tune a Real-ESRGAN generator (with U-Net discriminator) and save the EMA generator as medsr weights."""
     from medsr.train.config import ConfigError, load_config, set_value, shipped_configs, validate
@@ -55,6 +63,10 @@ def main(
         for name in shipped_configs():
             click.echo(name)
         return
+    if volumes and adapt:
+        raise click.UsageError("--volumes (train a model) and --adapt (fine-tune on one scan) exclude each other")
+    if config is None:
+        config = "mr_through_plane" if (volumes or adapt) else "cxr_x4"
     try:
         cfg = load_config(config)
         if tiny:
@@ -91,6 +103,20 @@ def main(
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)
+
+    if volumes or adapt:
+        from medsr.volumes import VolumeError
+        from medsr.volumes.training import configure_adaptation, configure_volume_training
+
+        try:
+            if volumes:
+                configure_volume_training(cfg, volumes, holdout, log)
+            else:
+                configure_adaptation(cfg, adapt, minutes, log)
+                from_scratch = False
+        except (VolumeError, ValueError, OSError) as e:
+            click.echo(f"medsr-train: error: {e}", err=True)
+            sys.exit(2)
 
     try:
         trainer = Trainer(cfg, log=log, from_scratch=from_scratch)
