@@ -642,24 +642,40 @@ class _Header:
         return ds
 
     def finish(self, enc: _Encoder) -> Any:
-        from pydicom.dataset import FileDataset
+        return _finish_encoded(self.ds, enc)
 
-        raw = enc.raw_bytes
-        with _quiet("derive_dicom"):
-            syntax = enc.finish()
-            ds = self.ds
-            if syntax.lossy:
-                ratio = raw / max(1, len(ds.PixelData))
-                ds.LossyImageCompression = "01"
-                ds.LossyImageCompressionRatio = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionRatio"))],
-                                                 _ds(round(ratio, 2))]
-                ds.LossyImageCompressionMethod = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionMethod"))],
-                                                  "ISO_15444_1"]
-                _append_code(ds, "DerivationCodeSequence", _code_item("113040", "DCM", "Lossy Compression"))
-            out = FileDataset("", ds, file_meta=ds.file_meta, preamble=b"\0" * 128)
-        out._medsr_syntax = syntax  # the syntax actually used (after a fallback), for re-encoding
-        return out
 
+def _finish_encoded(ds: Any, enc: _Encoder) -> Any:
+    """Put the encoded frames into ``ds`` (plus the lossy bookkeeping) and wrap it as a Part 10 FileDataset."""
+    from pydicom.dataset import FileDataset
+
+    raw = enc.raw_bytes
+    with _quiet("derive_dicom"):
+        syntax = enc.finish()
+        if syntax.lossy:
+            ratio = raw / max(1, len(ds.PixelData))
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionRatio = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionRatio"))],
+                                             _ds(round(ratio, 2))]
+            ds.LossyImageCompressionMethod = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionMethod"))],
+                                              "ISO_15444_1"]
+            _append_code(ds, "DerivationCodeSequence", _code_item("113040", "DCM", "Lossy Compression"))
+        out = FileDataset("", ds, file_meta=ds.file_meta, preamble=b"\0" * 128)
+    out._medsr_syntax = syntax  # the syntax actually used (after a fallback), for re-encoding
+    return out
+
+
+def encode_single_frame(ds: Any, pixels: np.ndarray, syntax: str | OutputSyntax | None = None) -> Any:
+    """Set the Image Pixel module of ``ds`` (its file meta already set) for one frame of stored ``pixels``
+    (BitsStored: ``ds``'s, else the container's; photometric: ``ds``'s) and encode them in ``syntax`` as
+    :func:`derive_dicom` does (default JPEG 2000 lossless, RLE lossless for images too small for it; lossy
+    bookkeeping). Returns the Part 10 FileDataset. Used by the volume writer (medsr.volumes)."""
+    bits = min(int(ds.get("BitsStored", pixels.dtype.itemsize * 8)), pixels.dtype.itemsize * 8)
+    with _quiet("derive_dicom"):
+        _pixel_module(ds, pixels.shape, pixels.dtype, str(ds.PhotometricInterpretation), bits, 1)
+        enc = _Encoder(ds, parse_syntax(syntax))
+        enc.add(pixels)
+    return _finish_encoded(ds, enc)
 
 def copy_source_header(src: Any) -> Any:
     """A new Dataset with the source's elements except pixel data (and what describes it: icon,
@@ -785,6 +801,7 @@ __all__ = [
     "derive_dicom",
     "derive_frames",
     "derived_uids",
+    "encode_single_frame",
     "finish_pixels",
     "identity",
     "parse_syntax",
