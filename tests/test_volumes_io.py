@@ -410,10 +410,16 @@ def canonical(arr: np.ndarray, aff: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.asanyarray(img.dataobj), img.affine
 
 
-@pytest.mark.parametrize("geometry", ["axial", "oblique"])
+@pytest.mark.parametrize("geometry", ["axial", "oblique", "enhanced"])
 def test_agrees_with_dcm2niix(tmp_path: Path, geometry: str) -> None:
-    rot = np.eye(3) if geometry == "axial" else rotation(0.25, -0.15, 0.4)
-    make_series(tmp_path / "s", row_dir=rot[:, 0], col_dir=rot[:, 1], step=2.0 * rot[:, 2], n=7)
+    """Measured: max |affine difference| after canonicalisation 0.8e-6 (axial), 2.1e-6 (oblique), 1.5e-6 mm
+    (enhanced multi-frame); the voxel arrays are identical."""
+    if geometry == "enhanced":
+        (tmp_path / "s").mkdir()
+        make_enhanced(tmp_path / "s" / "enh.dcm")
+    else:
+        rot = np.eye(3) if geometry == "axial" else rotation(0.25, -0.15, 0.4)
+        make_series(tmp_path / "s", row_dir=rot[:, 0], col_dir=rot[:, 1], step=2.0 * rot[:, 2], n=7)
     vol = read_volume(tmp_path / "s")
     (ref,) = run_dcm2niix(tmp_path / "s", tmp_path / "out")
     img = nib.load(ref)
@@ -432,10 +438,10 @@ def test_tilted_series_against_dcm2niix(tmp_path: Path) -> None:
     make_series(tmp_path / "s", col_dir=col_dir, step=(0, 0, 4.0 / np.cos(t)), n=6, rows=48, cols=48,
                 tilt=18.5)
     vol = read_volume(tmp_path / "s")
-    compare_tilt(vol, run_dcm2niix(tmp_path / "s", tmp_path / "out"), smooth=False)
+    compare_tilt(vol, run_dcm2niix(tmp_path / "s", tmp_path / "out"))
 
 
-def compare_tilt(vol: Volume, outputs: list[Path], *, smooth: bool) -> dict[str, float]:
+def compare_tilt(vol: Volume, outputs: list[Path]) -> dict[str, float]:
     from scipy.ndimage import map_coordinates
 
     tilt = [p for p in outputs if "_Tilt" in p.name]
@@ -460,9 +466,14 @@ def compare_tilt(vol: Volume, outputs: list[Path], *, smooth: bool) -> dict[str,
     inside = np.all((src > 0.5) & (src < np.array(vol.shape)[:, None] - 1.5), axis=0)
     sampled = map_coordinates(vol.array.astype(np.float64), src[:, inside], order=1)
     diff = np.abs(sampled - ref.reshape(-1)[inside])
-    stats = {"plane_mm": float(plane_diff), "median_abs": float(np.median(diff)), "inside": float(inside.mean())}
+    ref_in = ref.reshape(-1)[inside]
+    stats = {"plane_mm": float(plane_diff), "mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
+             "ref_range": float(np.ptp(ref_in)), "corr": float(np.corrcoef(sampled, ref_in)[0, 1]),
+             "inside": float(inside.mean())}
+    print("dcm2niix tilt comparison:", stats)
     assert inside.mean() > 0.5
-    assert stats["median_abs"] <= (5.0 if smooth else 60.0), stats
+    # measured: mean 0.25 HU (synthetic), 0.70 / 0.73 HU (real 4 mm / 7 mm halves): dcm2niix rounds to integers
+    assert stats["corr"] > 0.999 and stats["mean_abs"] < 1.5 and stats["p99_abs"] < 2.0, stats
     return stats
 
 
@@ -495,7 +506,7 @@ def test_real_tilt_halves_agree_with_dcm2niix(tilt_dir: Path, tmp_path: Path, pa
     (tmp_path / "in").mkdir()
     for f in files:
         shutil.copy(f, tmp_path / "in" / f.name)  # a temporary copy for dcm2niix (never into the repository)
-    compare_tilt(vol, run_dcm2niix(tmp_path / "in", tmp_path / "out"), smooth=True)
+    compare_tilt(vol, run_dcm2niix(tmp_path / "in", tmp_path / "out"))
 
 
 # ------------------------------------------------------------------------------------ derived series
@@ -561,6 +572,17 @@ def test_derived_series_float_and_tilted(tmp_path: Path) -> None:
     back = read_volume(tmp_path / "out")
     assert np.allclose(back.affine, up.affine, atol=1e-4) and back.meta.tilt_deg == pytest.approx(18.5, abs=1e-3)
     assert np.array_equal(back.array, np.rint(up.array).astype(np.int16))
+
+
+def test_derived_series_from_enhanced_source(tmp_path: Path) -> None:
+    make_enhanced(tmp_path / "enh.dcm")
+    src = read_volume(tmp_path / "enh.dcm")
+    up = upsample_k(src, 2)
+    files = write_dicom_series(up, src, tmp_path / "out", weights_sha256=W1, model_id="m", factor=2)
+    ds = pydicom.dcmread(files[0])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and "PerFrameFunctionalGroupsSequence" not in ds
+    back = read_volume(tmp_path / "out")
+    assert np.allclose(back.affine, up.affine, atol=1e-4) and np.array_equal(back.array, up.array)
 
 
 def test_derived_series_needs_dicom_source(tmp_path: Path) -> None:
