@@ -585,10 +585,28 @@ def test_derived_series_from_enhanced_source(tmp_path: Path) -> None:
     assert np.allclose(back.affine, up.affine, atol=1e-4) and np.array_equal(back.array, up.array)
 
 
-def test_derived_series_needs_dicom_source(tmp_path: Path) -> None:
+def test_derived_series_refusals(tmp_path: Path) -> None:
     vol = Volume(np.zeros((4, 4, 3), np.int16), np.eye(4))
     with pytest.raises(VolumeError, match="needs a DICOM source volume"):
         write_dicom_series(vol, vol, tmp_path / "o", weights_sha256=W1, model_id="m", factor=2)
+    make_series(tmp_path / "src", n=3)
+    src = read_volume(tmp_path / "src")
+    bad = Volume(src.array.astype(np.float32), src.affine)
+    bad.array[1, 2, 1] = np.nan
+    with pytest.raises(VolumeError, match=r"o: slice 2 of the volume holds NaN"):
+        write_dicom_series(bad, src, tmp_path / "o", weights_sha256=W1, model_id="m", factor=1)
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(VolumeError, match="weights_sha256 must be 64 hex"):
+        write_dicom_series(src, src, tmp_path / "o", weights_sha256="xyz", model_id="m", factor=1)
+
+
+def test_corrupt_pixels_named(tmp_path: Path) -> None:
+    files = make_series(tmp_path / "s", n=3, shuffle=False)
+    ds = pydicom.dcmread(files[1])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(files[1])
+    with pytest.raises(VolumeError, match=r"series 1\.2\.3\.4\.5\.6\.1: .*f001\.dcm: pixel data is truncated"):
+        read_volume(tmp_path / "s")
 
 
 def test_derived_instance_passes_dciodvfy(tmp_path: Path) -> None:

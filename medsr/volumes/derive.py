@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from medsr.fsutil import os_error_reason
 from medsr.volumes.dicom_series import LPS_TO_RAS
 from medsr.volumes.volume import Volume, VolumeError
 
@@ -42,6 +43,8 @@ _SLICE_TAGS = (
     "SliceLocation", "InstanceNumber", "ImagesInAcquisition", "InStackPositionNumber", "RescaleSlope",
     "RescaleIntercept", "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     "DimensionOrganizationSequence", "DimensionIndexSequence", "DimensionOrganizationType", "FrameIncrementPointer",
+    # padding marked in the source's stored values is not kept exact through the volume method
+    "PixelPaddingValue", "PixelPaddingRangeLimit",
 )
 
 
@@ -186,7 +189,10 @@ def write_dicom_series(
     what = f"Through-plane super-resolution x{factor:g}"
 
     tmp = out_dir.parent / f".{out_dir.name[:200]}.medsr-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise VolumeError(f"{out_dir}: cannot create a folder beside it ({os_error_reason(e, out_dir.parent)})") from None
     files: list[Path] = []
     clipped = 0
     try:
@@ -199,7 +205,10 @@ def write_dicom_series(
                 ds.RescaleSlope, ds.RescaleIntercept = _ds(slope), _ds(intercept)
                 if is_ct and "RescaleType" not in ds and meta.units == "HU":
                     ds.RescaleType = "HU"
-            pixels, c = _stored(np.asarray(volume.array[:, :, k]).T, slope, intercept, signed)
+            values = np.asarray(volume.array[:, :, k]).T
+            if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+                raise VolumeError(f"{out_dir}: slice {k + 1} of the volume holds NaN or infinite values")
+            pixels, c = _stored(values, slope, intercept, signed)
             clipped += c
             ds.BitsStored = 16
             try:
@@ -207,9 +216,12 @@ def write_dicom_series(
             except ValueError as e:
                 raise VolumeError(f"{out_dir}: slice {k + 1}: {e}") from None
             path = tmp / f"{k + 1:05d}.dcm"
-            out.save_as(path, enforce_file_format=True)
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            try:
+                out.save_as(path, enforce_file_format=True)
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise VolumeError(f"{out_dir}: cannot write ({os_error_reason(e, out_dir.parent)})") from None
             files.append(out_dir / path.name)
         if clipped:
             log.warning("%s: %d voxel(s) outside the 16-bit stored range were clipped", out_dir, clipped)

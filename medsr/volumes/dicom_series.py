@@ -131,7 +131,10 @@ def group_series(src: Any, series_uid: str | None = None) -> tuple[str, str, lis
     """(where, series UID, [(path, header)]) of the one CT/MR series in ``src`` (or the one ``series_uid``
     names). VolumeError when there is none, several, or the asked one is missing."""
     files = list_files(src)
-    where = str(src) if not isinstance(src, (list, tuple)) else f"{len(files)} files"
+    if not isinstance(src, (list, tuple)):
+        where = str(src)
+    else:
+        where = str(files[0]) if len(files) == 1 else f"{files[0].parent if files else '.'} ({len(files)} files)"
     if not files:
         raise VolumeError(f"{where}: no files")
     series: dict[str, list[tuple[Path, Any]]] = {}
