@@ -101,6 +101,10 @@ def read_header(path: Path, specific_tags: list[str] | None = None) -> Any | Non
         except Exception:
             return None
         try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+            if head not in (b"\x02\x00", b"\x08\x00"):  # a raw data set starts with group 0002 or 0008 (LE)
+                return None
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=specific_tags)
             return ds if "SOPClassUID" in ds and "SeriesInstanceUID" in ds else None
         except Exception:
