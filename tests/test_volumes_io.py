@@ -621,3 +621,28 @@ def test_derived_instance_passes_dciodvfy(tmp_path: Path) -> None:
     source_file = next((tmp_path / "src").iterdir())
     new = messages(exe, files[1]) - messages(exe, source_file)
     assert not new, "dciodvfy reports what the source does not have:\n" + "\n".join(sorted(new))
+
+
+def test_orthanc_stores_one_new_series_in_the_same_study(tmp_path: Path) -> None:
+    """A real Orthanc (in a private network namespace, as tests/test_pacs_orthanc.py) takes the source series
+    and the derived series: one study, two series, every instance stored."""
+    if not shutil.which("Orthanc"):
+        pytest.skip("skipped: Orthanc not installed (apt-get install orthanc)")
+    from test_pacs_orthanc import _netns_prefix
+
+    prefix = _netns_prefix()
+    make_series(tmp_path / "src", n=3, rows=64, cols=64)
+    src = read_volume(tmp_path / "src")
+    files = write_dicom_series(upsample_k(src, 2), src, tmp_path / "out", weights_sha256=W1, model_id="m", factor=2)
+    (tmp_path / "work").mkdir()
+    script = Path(__file__).with_name("volumes_orthanc_check.py")
+    cmd = [*prefix, "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, str(script),
+           str(tmp_path / "work"), str(tmp_path / "src"), str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr + (tmp_path / "work" / "orthanc.log").read_text()[-2000:]
+    import json
+
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["statuses"] == ["Success"]
+    derived_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    assert result["stored"] == {"1.2.3.4.5.6": {"1.2.3.4.5.6.1": 3, derived_uid: 6}}
