@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsr.api import Upscaler
+    from medsr.volumes import read_volume
 
-__all__ = ["Upscaler", "__version__"]
+__all__ = ["Upscaler", "__version__", "read_volume"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from medsr.api import Upscaler
 
         return Upscaler
+    if name == "read_volume":
+        from medsr.volumes import read_volume
+
+        return read_volume
     raise AttributeError(f"module 'medsr' has no attribute {name!r}")

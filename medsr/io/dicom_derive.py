@@ -116,11 +116,12 @@ def parse_syntax(spec: str | OutputSyntax | None) -> OutputSyntax:
 # -------------------------------------------------------------------------------------------- UIDs
 
 
-def identity(model_id: str, scale: int, weights_sha256: str | None, syntax: OutputSyntax | None = None) -> list[str]:
+def identity(model_id: str, scale: float, weights_sha256: str | None, syntax: OutputSyntax | None = None) -> list[str]:
     """What decides the output pixels, as UID entropy: the weights (their sha256; the model id only
-    when no hash is known), the scale, and a lossy encoding. Tile size, overlap, batch, precision,
+    when no hash is known), the scale (an integer for 2D, any ratio for volumes: ``x2``, ``x2.5``), and a
+    lossy encoding. Tile size, overlap, batch, precision,
     device, backend and lossless syntax are left out by design (docs/io.md)."""
-    parts = [f"weights-sha256:{weights_sha256.lower()}" if weights_sha256 else f"model-id:{model_id}", f"x{int(scale)}"]
+    parts = [f"weights-sha256:{weights_sha256.lower()}" if weights_sha256 else f"model-id:{model_id}", f"x{float(scale):g}"]
     if syntax is not None and syntax.lossy:
         parts.append(f"lossy:{syntax.uid}:{syntax.ratio:g}")
     return parts
@@ -590,21 +591,13 @@ class _Header:
             self.ds = self._build(shape, dtype, now, frames)
 
     def _build(self, shape: tuple[int, ...], dtype: np.dtype, now: datetime | None, frames: int) -> Any:
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.sequence import Sequence
+        from pydicom.dataset import FileMetaDataset
 
         import medsr
 
         src, scale, model_id = self.src, self.scale, self.model_id
         where = "derived DICOM"
-        ds = Dataset()
-        for elem in src:
-            if elem.tag in _PIXEL_TAGS or elem.tag in _DROP_TAGS:
-                continue
-            if 0x60000000 <= elem.tag <= 0x601EFFFF and elem.tag.group % 2 == 0:
-                continue  # overlays: re-added scaled below
-            ds.add(copy.deepcopy(elem))
-        ds.remove_private_tags()  # recursive: unknown meaning, may describe the old pixel grid
+        ds = copy_source_header(src)  # overlays: re-added scaled below
 
         new_sop, new_series = derived_uids(src, model_id, scale, weights_sha256=self.weights_sha256, syntax=self.syntax)
         sop_class = src.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
@@ -637,39 +630,9 @@ class _Header:
                                           *identity(model_id, scale, self.weights_sha256)])
         _scale_overlays(src, ds, scale, where)
 
-        # provenance: extend the source's history, never replace it
-        weights = f"weights sha256 {self.weights_sha256}" if self.weights_sha256 else "weights hash unknown"
-        desc = f"Super-resolution x{scale} ({SOFTWARE} {medsr.__version__}, model {model_id}, {weights})"
-        old_desc = str(src.get("DerivationDescription", "") or "")
-        ds.DerivationDescription = (f"{old_desc}; {desc}" if old_desc else desc)[:1024]
-        _append_code(ds, "DerivationCodeSequence", _code_item("113085", "DCM", "Spatial resampling"))
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = sop_class
-        ref.ReferencedSOPInstanceUID = src.get("SOPInstanceUID", "")
-        ref.PurposeOfReferenceCodeSequence = Sequence(
-            [_code_item("121322", "DCM", "Source image for image processing operation")])
-        ref.SpatialLocationsPreserved = "NO"
-        ds.SourceImageSequence = Sequence([*(ds.get("SourceImageSequence") or []), ref])
-
-        local, dt = _stamp(src, now)
-        equipment = Dataset()
-        equipment.Manufacturer = SOFTWARE
-        equipment.ManufacturerModelName = SOFTWARE
-        equipment.SoftwareVersions = [f"{SOFTWARE} {medsr.__version__}"[:64], model_id[:64]]
-        equipment.ContributionDateTime = dt
-        equipment.ContributionDescription = (
-            f"Super-resolution x{scale} by a neural network: model {model_id}, {weights}")[:1024]
-        equipment.PurposeOfReferenceCodeSequence = Sequence([_code_item("109103", "DCM", "Modifying Equipment")])
-        ds.ContributingEquipmentSequence = Sequence([*(ds.get("ContributingEquipmentSequence") or []), equipment])
-
-        # time and series identity
-        date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
-        ds.ContentDate = ds.InstanceCreationDate = ds.SeriesDate = date
-        ds.ContentTime = ds.InstanceCreationTime = ds.SeriesTime = time
-        ds.SeriesNumber = _series_number(src)
-        series_desc = str(src.get("SeriesDescription", "") or "").strip() or "Super-resolution"
-        tag = f" [SR x{scale}]"
-        ds.SeriesDescription = (series_desc[: 64 - len(tag)] + tag).strip()
+        stamp_provenance(ds, src, what=f"Super-resolution x{scale}", series_tag=f"SR x{scale}", model_id=model_id,
+                         weights_sha256=self.weights_sha256, now=now,
+                         sources=[(sop_class, src.get("SOPInstanceUID", ""))])
 
         # lossy history: once lossy, always "01" (ratio/method copied with the dataset)
         ts = str(src.file_meta.get("TransferSyntaxUID", "")) if hasattr(src, "file_meta") else ""
@@ -679,23 +642,106 @@ class _Header:
         return ds
 
     def finish(self, enc: _Encoder) -> Any:
-        from pydicom.dataset import FileDataset
+        return _finish_encoded(self.ds, enc)
 
-        raw = enc.raw_bytes
-        with _quiet("derive_dicom"):
-            syntax = enc.finish()
-            ds = self.ds
-            if syntax.lossy:
-                ratio = raw / max(1, len(ds.PixelData))
-                ds.LossyImageCompression = "01"
-                ds.LossyImageCompressionRatio = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionRatio"))],
-                                                 _ds(round(ratio, 2))]
-                ds.LossyImageCompressionMethod = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionMethod"))],
-                                                  "ISO_15444_1"]
-                _append_code(ds, "DerivationCodeSequence", _code_item("113040", "DCM", "Lossy Compression"))
-            out = FileDataset("", ds, file_meta=ds.file_meta, preamble=b"\0" * 128)
-        out._medsr_syntax = syntax  # the syntax actually used (after a fallback), for re-encoding
-        return out
+
+def _finish_encoded(ds: Any, enc: _Encoder) -> Any:
+    """Put the encoded frames into ``ds`` (plus the lossy bookkeeping) and wrap it as a Part 10 FileDataset."""
+    from pydicom.dataset import FileDataset
+
+    raw = enc.raw_bytes
+    with _quiet("derive_dicom"):
+        syntax = enc.finish()
+        if syntax.lossy:
+            ratio = raw / max(1, len(ds.PixelData))
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionRatio = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionRatio"))],
+                                             _ds(round(ratio, 2))]
+            ds.LossyImageCompressionMethod = [*[str(v) for v in _as_list(ds.get("LossyImageCompressionMethod"))],
+                                              "ISO_15444_1"]
+            _append_code(ds, "DerivationCodeSequence", _code_item("113040", "DCM", "Lossy Compression"))
+        out = FileDataset("", ds, file_meta=ds.file_meta, preamble=b"\0" * 128)
+    out._medsr_syntax = syntax  # the syntax actually used (after a fallback), for re-encoding
+    return out
+
+
+def encode_single_frame(ds: Any, pixels: np.ndarray, syntax: str | OutputSyntax | None = None) -> Any:
+    """Set the Image Pixel module of ``ds`` (its file meta already set) for one frame of stored ``pixels``
+    (BitsStored: ``ds``'s, else the container's; photometric: ``ds``'s) and encode them in ``syntax`` as
+    :func:`derive_dicom` does (default JPEG 2000 lossless, RLE lossless for images too small for it; lossy
+    bookkeeping). Returns the Part 10 FileDataset. Used by the volume writer (medsr.volumes)."""
+    bits = min(int(ds.get("BitsStored", pixels.dtype.itemsize * 8)), pixels.dtype.itemsize * 8)
+    with _quiet("derive_dicom"):
+        _pixel_module(ds, pixels.shape, pixels.dtype, str(ds.PhotometricInterpretation), bits, 1)
+        enc = _Encoder(ds, parse_syntax(syntax))
+        enc.add(pixels)
+    return _finish_encoded(ds, enc)
+
+def copy_source_header(src: Any) -> Any:
+    """A new Dataset with the source's elements except pixel data (and what describes it: icon,
+    min/max values), the tags no longer true for a derived instance (_DROP_TAGS), overlays and
+    private tags (unknown meaning, may describe the old pixel grid). The source is not modified."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for elem in src:
+        if elem.tag in _PIXEL_TAGS or elem.tag in _DROP_TAGS:
+            continue
+        if 0x60000000 <= elem.tag <= 0x601EFFFF and elem.tag.group % 2 == 0:
+            continue
+        ds.add(copy.deepcopy(elem))
+    ds.remove_private_tags()  # recursive
+    return ds
+
+
+def stamp_provenance(
+    ds: Any, src: Any, *, what: str, series_tag: str, model_id: str, weights_sha256: str | None,
+    now: datetime | None, sources: list[tuple[str, str]],
+) -> None:
+    """Provenance of a derived instance ``ds`` made from ``src`` (extends the source's history, never
+    replaces it): DerivationDescription (``what`` + software, model, weights), DerivationCode "Spatial
+    resampling", SourceImageSequence (one item per (SOP class, SOP instance) in ``sources``), Contributing
+    Equipment, the new content/instance/series date and time, SeriesNumber (+1000) and SeriesDescription
+    (``[series_tag]`` appended). Shared by the 2D path and the volume writer (medsr.volumes)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    import medsr
+
+    weights = f"weights sha256 {weights_sha256}" if weights_sha256 else "weights hash unknown"
+    desc = f"{what} ({SOFTWARE} {medsr.__version__}, model {model_id}, {weights})"
+    old_desc = str(src.get("DerivationDescription", "") or "")
+    ds.DerivationDescription = (f"{old_desc}; {desc}" if old_desc else desc)[:1024]
+    _append_code(ds, "DerivationCodeSequence", _code_item("113085", "DCM", "Spatial resampling"))
+    refs = []
+    for sop_class, sop_uid in sources:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = sop_class
+        ref.ReferencedSOPInstanceUID = sop_uid
+        ref.PurposeOfReferenceCodeSequence = Sequence(
+            [_code_item("121322", "DCM", "Source image for image processing operation")])
+        ref.SpatialLocationsPreserved = "NO"
+        refs.append(ref)
+    ds.SourceImageSequence = Sequence([*(ds.get("SourceImageSequence") or []), *refs])
+
+    local, dt = _stamp(src, now)
+    equipment = Dataset()
+    equipment.Manufacturer = SOFTWARE
+    equipment.ManufacturerModelName = SOFTWARE
+    equipment.SoftwareVersions = [f"{SOFTWARE} {medsr.__version__}"[:64], model_id[:64]]
+    equipment.ContributionDateTime = dt
+    equipment.ContributionDescription = f"{what} by a neural network: model {model_id}, {weights}"[:1024]
+    equipment.PurposeOfReferenceCodeSequence = Sequence([_code_item("109103", "DCM", "Modifying Equipment")])
+    ds.ContributingEquipmentSequence = Sequence([*(ds.get("ContributingEquipmentSequence") or []), equipment])
+
+    # time and series identity
+    date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
+    ds.ContentDate = ds.InstanceCreationDate = ds.SeriesDate = date
+    ds.ContentTime = ds.InstanceCreationTime = ds.SeriesTime = time
+    ds.SeriesNumber = _series_number(src)
+    series_desc = str(src.get("SeriesDescription", "") or "").strip() or "Super-resolution"
+    tag = f" [{series_tag}]"
+    ds.SeriesDescription = (series_desc[: 64 - len(tag)] + tag).strip()
 
 
 def _append_code(ds: Any, keyword: str, item: Any) -> None:
@@ -751,13 +797,16 @@ __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "SYNTAX_NAMES",
     "OutputSyntax",
+    "copy_source_header",
     "derive_dicom",
     "derive_frames",
     "derived_uids",
+    "encode_single_frame",
     "finish_pixels",
     "identity",
     "parse_syntax",
     "pixels_digest",
     "reencode",
+    "stamp_provenance",
 ]
 

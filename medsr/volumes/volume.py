@@ -25,6 +25,8 @@ class VolumeMeta:
     rescale to Hounsfield units, else "" (arbitrary MR units). ``series_uid``, ``study_uid``, ``datasets``:
     DICOM only (``datasets``: the source instances' headers without pixel data, sorted along the slice normal,
     or the one enhanced multi-frame dataset). ``notes``: what the reader detected or corrected (logged).
+    ``tilt_deg``: DICOM series with gantry tilt: the angle between the slice axis and the slice normal (the
+    affine is sheared by it); 0 for orthogonal grids.
     """
 
     source: Path | None = None
@@ -36,6 +38,7 @@ class VolumeMeta:
     datasets: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     header: Any = None  # the nibabel header of a NIfTI/MGZ source (kept for writing back)
+    tilt_deg: float = 0.0
 
 
 @dataclass
