@@ -10,6 +10,7 @@ from __future__ import annotations
 from medsr.volumes.derive import write_dicom_series
 from medsr.volumes.io import VolumeProbe, is_volume_path, probe_volume, read_volume
 from medsr.volumes.nifti import write_nifti
+from medsr.volumes.upscaler import VolumeUpscaler
 from medsr.volumes.volume import Volume, VolumeError, VolumeMeta
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "VolumeError",
     "VolumeMeta",
     "VolumeProbe",
+    "VolumeUpscaler",
     "is_volume_path",
     "probe_volume",
     "read_volume",

@@ -230,9 +230,9 @@ def reconstruct(
 
     interp = _scratch(p.out_shape, wd, "interp")
     resample_axis(volume.array, p.axis, pos, 3, out=interp)
-    # normalise in place, streamed
+    # normalise in place, streamed; B-spline overshoot beyond the acquired range is clipped (as in training)
     for i in range(interp.shape[0]):
-        interp[i] = (interp[i] - lo) / span
+        interp[i] = np.clip((interp[i] - lo) / span, 0.0, 1.0)
 
     if model is None:
         fused = interp

@@ -105,7 +105,7 @@ class VolumeUpscaler:
             return write_nifti(out, dst_p)
         if vol.meta.format != "dicom":
             raise VolumeError(f"{dst_p}: a NIfTI/MGZ input is written as NIfTI (.nii or .nii.gz)")
-        write_dicom_series(out, vol, dst_p, weights_sha256=self.weights_sha256 or "", model_id=self.model_id,
+        write_dicom_series(out, vol, dst_p, weights_sha256=self.weights_sha256, model_id=self.model_id,
                            factor=p.factor, syntax=dicom_syntax, overwrite=overwrite)
         return dst_p
 
