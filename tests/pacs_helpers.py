@@ -63,7 +63,7 @@ def expected_derived_uid(ds: Any, weights: Path | None = None) -> str:
     """The derived SOP Instance UID: from the weights file's sha256 (a node process loading ``weights``),
     else from the model id "tiny" (an in-process :func:`tiny_upscaler`, which has no file to hash)."""
     from medsr.fsutil import sha256_file
-    from medsr.io.dicom import derived_uids
+    from medsr.io.dicom_derive import derived_uids
 
     return derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None)[0]
 

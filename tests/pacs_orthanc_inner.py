@@ -189,7 +189,7 @@ def _wait_derived(orthanc: Orthanc, srcs: list[Any], timeout: float, weights: Pa
 
 def _derived_series(src: Any, weights: Path) -> str:
     from medsr.fsutil import sha256_file
-    from medsr.io.dicom import derived_uids
+    from medsr.io.dicom_derive import derived_uids
 
     return derived_uids(src, "tiny", SCALE, weights_sha256=sha256_file(weights))[1]
 

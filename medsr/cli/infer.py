@@ -2,127 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-
-@dataclass
-class Job:
-    src: Path
-    dst: Path
-
-
-@dataclass
-class Summary:
-    written: int = 0
-    skipped: int = 0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
-    megapixels: float = 0.0
-
-
-def _looks_like_image(path: Path) -> bool:
-    """A supported suffix (or none), or DICOM by content (UID-named files like 1.2.840.113619.4)."""
-    from medsr.io import is_supported
-
-    if is_supported(path):
-        return True
-    try:
-        with path.open("rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return True  # let the reader report the problem
-
-
-@dataclass
-class Walk:
-    jobs: list[Job] = field(default_factory=list)
-    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why): not images, special files
-    failed: list[tuple[Path, str]] = field(default_factory=list)  # dangling links, output collisions
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def collect_jobs(inputs: list[Path], outdir: Path) -> Walk:
-    """Files as given; folders walked recursively (hidden files skipped), structure mirrored.
-
-    - Symbolic links are followed (files and folders); a folder reached twice (a link loop or two
-      links to one folder) is walked once; a dangling link is reported as failed.
-    - The output folder is never walked, even when it lies inside an input folder.
-    - Files met while walking that are not images (a manifest.csv) or not regular files (a FIFO)
-      are ignored and reported; files named explicitly are always tried.
-    - Two inputs that map to one output (``d1/a.png d2/a.png``, ``a.png`` + ``a.PNG`` on a
-      case-insensitive disk) are both reported as failed before anything runs: nothing is dropped.
-    """
-    w = Walk()
-    multi = len(inputs) > 1
-    for inp in inputs:
-        if not inp.is_dir():
-            w.jobs.append(Job(inp, outdir / inp.name))
-            continue
-        if _inside(inp, outdir):
-            w.ignored.append((inp, "is inside the output folder"))
-            continue
-        seen: set[tuple[int, int]] = set()
-        for root, dirs, files in os.walk(inp, followlinks=True):
-            rootp = Path(root)
-            st = rootp.stat()
-            if (st.st_dev, st.st_ino) in seen:
-                w.ignored.append((rootp, "folder already walked (symbolic link loop or duplicate link)"))
-                dirs[:] = []
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _same_or_inside(rootp / d, outdir))
-            for name in sorted(files):
-                if name.startswith("."):
-                    continue
-                f = rootp / name
-                rel = f.relative_to(inp)
-                if f.is_symlink() and not f.exists():
-                    w.failed.append((f, f"{f}: dangling symbolic link (target {os.readlink(f)} does not exist)"))
-                    continue
-                if not f.is_file():
-                    w.ignored.append((f, "not a regular file"))
-                    continue
-                if not _looks_like_image(f):
-                    w.ignored.append((f, "not an image"))
-                    continue
-                w.jobs.append(Job(f, outdir / inp.name / rel if multi else outdir / rel))
-            for d in list(dirs):  # dangling links to folders show up in neither list as files
-                if (rootp / d).is_symlink() and not (rootp / d).exists():
-                    dirs.remove(d)
-                    w.failed.append((rootp / d, f"{rootp / d}: dangling symbolic link"))
-    _drop_collisions(w)
-    return w
-
-
-def _same_or_inside(path: Path, folder: Path) -> bool:
-    return folder.exists() and _inside(path, folder)
-
-
-def _drop_collisions(w: Walk) -> None:
-    by_dst: dict[str, list[Job]] = {}
-    for j in w.jobs:
-        by_dst.setdefault(os.path.normcase(str(j.dst.absolute())).casefold(), []).append(j)
-    clash = {id(j) for group in by_dst.values() if len(group) > 1 for j in group}
-    for group in by_dst.values():
-        if len(group) > 1:
-            names = ", ".join(str(j.src) for j in group)
-            for j in group:
-                w.failed.append((j.src, f"{j.src}: output collision: {names} would all be written to {group[0].dst}; "
-                                         "give them separate runs or output folders"))
-    w.jobs = [j for j in w.jobs if id(j) not in clash]
+from medsr.batch import Job, Summary, Walk, collect_jobs
 
 
 def _load_upscaler(engine: str | None, model: str | None, runtime: str, precision: str | None, device: str,

@@ -1,4 +1,5 @@
-"""DICOM reading (pydicom; compressed transfer syntaxes via the pylibjpeg plugins) and writing.
+"""DICOM reading (pydicom; compressed transfer syntaxes via the pylibjpeg plugins); the writing of derived
+instances is :mod:`medsr.io.dicom_derive` (which imports this module, never the other way round).
 
 Policy (see docs/io.md): the model works on *stored* values (Rescale, windowing and LUTs are kept
 unchanged, they still apply); the output is a new derived instance built by
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medsr.io.image import Image, ImageReadError, ImageWriteError
+from medsr.io.base import Image, ImageReadError
 
 log = logging.getLogger("medsr.io")
 
@@ -282,21 +283,7 @@ def _number(ds: Any, keyword: str, default: float) -> float:
         return default
 
 
-# ---------------------------------------------------------------------------------------- derive
-
-
-def derived_uids(src_ds: Any, model_id: str, scale: int, **kw: Any) -> tuple[str, str]:
-    """See :func:`medsr.io.dicom_derive.derived_uids`."""
-    from medsr.io.dicom_derive import derived_uids as _uids
-
-    return _uids(src_ds, model_id, scale, **kw)
-
-
-def derive_dicom(src_ds: Any, pixels: np.ndarray, scale: int, model_id: str, **kw: Any) -> Any:
-    """See :func:`medsr.io.dicom_derive.derive_dicom`."""
-    from medsr.io.dicom_derive import derive_dicom as _derive
-
-    return _derive(src_ds, pixels, scale, model_id, **kw)
+# -------------------------------------------------------------------- helpers shared with dicom_derive
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -308,30 +295,3 @@ def _as_list(value: Any) -> list[Any]:
         return list(value)
     except TypeError:
         return [value]
-
-
-# ----------------------------------------------------------------------------------------- write
-
-
-def write_dicom(img: Image, tmp: Path) -> None:
-    """Write the derived dataset of ``img`` as a Part 10 file in its transfer syntax. A single-frame
-    Image whose pixels changed since the dataset was derived is re-encoded from ``img.pixels``
-    (same syntax), so that the file always holds what the Image holds."""
-    ds = img.dataset
-    if ds is None:
-        raise ImageWriteError("DICOM output needs img.dataset (use make_output/derive_dicom)")
-    if "PixelData" not in ds or ds.file_meta.get("TransferSyntaxUID") is None:
-        raise ImageWriteError("DICOM dataset has no pixel data or transfer syntax")
-    expected = (int(ds.Rows), int(ds.Columns))
-    if img.pixels.shape[:2] != expected:
-        raise ImageWriteError(
-            f"pixels {img.pixels.shape[:2]} do not match the dataset's Rows/Columns {expected}"
-        )
-    if img.frames == 1:
-        from medsr.io.dicom_derive import pixels_digest, reencode
-
-        if img.meta.get("dicom_pixels_digest") != pixels_digest(img.pixels):
-            with _quiet(tmp):
-                reencode(ds, img.pixels, img.meta.get("dicom_syntax"))
-    with _quiet(tmp):
-        ds.save_as(tmp, enforce_file_format=True)

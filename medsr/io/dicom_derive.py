@@ -22,12 +22,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medsr.io.base import Image, ImageWriteError
 from medsr.io.dicom import _LOSSY_TS, _PIXEL_TAGS, SOFTWARE, UID_PREFIX, _as_list, _code_item, _quiet
-from medsr.io.image import Image
 
 log = logging.getLogger("medsr.io")
 
@@ -808,5 +809,30 @@ __all__ = [
     "pixels_digest",
     "reencode",
     "stamp_provenance",
+    "write_dicom",
 ]
 
+
+# ----------------------------------------------------------------------------------------- write
+
+
+def write_dicom(img: Image, tmp: Path) -> None:
+    """Write the derived dataset of ``img`` as a Part 10 file in its transfer syntax. A single-frame
+    Image whose pixels changed since the dataset was derived is re-encoded from ``img.pixels``
+    (same syntax), so that the file always holds what the Image holds."""
+    ds = img.dataset
+    if ds is None:
+        raise ImageWriteError("DICOM output needs img.dataset (use make_output/derive_dicom)")
+    if "PixelData" not in ds or ds.file_meta.get("TransferSyntaxUID") is None:
+        raise ImageWriteError("DICOM dataset has no pixel data or transfer syntax")
+    expected = (int(ds.Rows), int(ds.Columns))
+    if img.pixels.shape[:2] != expected:
+        raise ImageWriteError(
+            f"pixels {img.pixels.shape[:2]} do not match the dataset's Rows/Columns {expected}"
+        )
+    if img.frames == 1:
+        if img.meta.get("dicom_pixels_digest") != pixels_digest(img.pixels):
+            with _quiet(tmp):
+                reencode(ds, img.pixels, img.meta.get("dicom_syntax"))
+    with _quiet(tmp):
+        ds.save_as(tmp, enforce_file_format=True)

@@ -11,7 +11,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from medsr.io.image import ImageReadError
+from medsr.io.base import ImageReadError
 
 #: JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); not DHT/JPG/DAC
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsr.io.image import Image, ImageReadError, ImageWriteError
+from medsr.io.base import Image, ImageReadError, ImageWriteError
 
 log = logging.getLogger("medsr.io")
 

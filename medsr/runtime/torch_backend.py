@@ -47,7 +47,7 @@ class TorchBackend(Backend):
     * ``"tf32"``: CUDA only: float32 with TensorFloat-32 convolutions/matmuls (Ampere+; faster, ~1e-5 error).
     * ``"bf16"``: ``torch.autocast`` to bfloat16 (CPU and CUDA); weights stay float32.
     * ``"fp16"``: CUDA only — a half-precision copy of the model (float32 weights are kept for
-      :meth:`fallback`). fp16 on CPU raises :class:`BackendError` (slow or unsupported there; use bf16).
+      :meth:`fallback`). fp16 on CPU raises :class:`BackendError` (slow or unsupported there; the message names what runs).
 
     The backend takes the module over: it is put in eval mode, cast to float32 and moved to the
     device (and to channels_last memory format when ``channels_last``). Output is float32 on the
@@ -76,10 +76,10 @@ class TorchBackend(Backend):
         self.descriptor = desc
         cuda = self.device.type == "cuda"
         if precision == "tf32" and not cuda:
-            raise BackendError("precision 'tf32' is a CUDA (Ampere+) mode; on CPU use 'fp32' or 'bf16'")
+            raise BackendError(f"precision 'tf32' is a CUDA (Ampere+) mode; on this CPU use {cpu_precisions()}")
         if precision == "fp16":
             if not cuda:
-                raise BackendError("precision 'fp16' needs CUDA; on CPU use precision='bf16' or 'fp32'")
+                raise BackendError(f"precision 'fp16' needs CUDA; on this CPU use {cpu_precisions()}")
             if not desc.supports_half:
                 raise BackendError(f"{desc.arch} does not support fp16; use precision='fp32'")
         if precision == "bf16":
@@ -137,3 +137,11 @@ class TorchBackend(Backend):
         self._fallback = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def cpu_precisions() -> str:
+    """The precisions worth suggesting on this CPU: fp32, and bf16 only where the CPU computes it natively
+    (a refusal never recommends what the same machine then refuses or emulates slowly)."""
+    from medsr.runtime.openvino_backend import native_bf16
+
+    return "precision 'fp32' or 'bf16'" if native_bf16() else "precision 'fp32' (this CPU has no native bf16)"

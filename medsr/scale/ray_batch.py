@@ -1,6 +1,6 @@
 """Archive-scale batch on Ray Data: the job of ``medsr-infer`` over a Ray cluster.
 
-The driver walks the inputs exactly as the local CLI does (``medsr.cli.infer.collect_jobs``); the file list
+The driver walks the inputs exactly as the local CLI does (``medsr.batch.collect_jobs``); the file list
 becomes a Ray Dataset of (src, dst) rows and flows through three stages:
 
 1. **read** (Ray tasks): refuse an output that is the input, skip an existing output, read the image with the
