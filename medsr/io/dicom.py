@@ -112,6 +112,9 @@ def _read_dicom(path: Path) -> Image:
         raise
     except Exception:  # forced read of non-DICOM bytes
         raise ImageReadError(f"{path}: not a DICOM file") from None
+    from medsr.io.checks import check_dicom_lengths
+
+    check_dicom_lengths(path, ds, path.stat().st_size)  # declared lengths against the bytes present
     return _image_from_dataset(ds, path)
 
 
@@ -141,6 +144,11 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
                 f"{where}: the file holds a pixel data element that cannot be read: it is truncated or corrupt "
                 "(e.g. an element runs past the end of the file)"
             )
+        image_like = "Rows" in ds or "Columns" in ds or "Image Storage" in getattr(ds.get("SOPClassUID"), "name", "")
+        if path is not None and image_like:  # a file cut before its pixel data still parses
+            raise ImageReadError(
+                f"{where}: truncated or corrupt DICOM file: an image (SOP class, Rows/Columns) with no pixel data"
+            )
         raise ImageReadError(
             f"{where}: DICOM file has no pixel data (not an image: e.g. a report or structure)"
         )
@@ -158,6 +166,9 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
         ) from None
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     ts_name = getattr(tsyntax, "name", str(tsyntax))
+    from medsr.io.checks import check_dicom_geometry, check_encapsulated
+
+    check_dicom_geometry(where, ds)
     if frames < 1:
         raise ImageReadError(f"{where}: invalid NumberOfFrames {frames}")
     if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
@@ -194,7 +205,15 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
                 f"{where}: pixel data is {got} bytes, expected {expected} for {ds.Rows}x{ds.Columns}x{samples} at "
                 f"{bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated do not match the data"
             )
+    elif raw is not None and tsuid:  # encapsulated: fragments against NumberOfFrames, before any codec sees them
+        if not getattr(ds["PixelData"], "is_undefined_length", True):
+            raise ImageReadError(
+                f"{where}: corrupt DICOM file: {ts_name} pixel data must be encapsulated (undefined length), "
+                "it has a defined length"
+            )
+        check_encapsulated(where, bytes(raw), tsuid, frames, "NumberOfFrames" in ds)
     arr = _decode_frame(ds, 0 if frames > 1 else None, where, ts_name)
+    _check_decoded(arr, ds, where, samples, 0 if frames > 1 else None)
     arr = _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
     meta: dict[str, Any] = {
         "bits_stored": bits_stored,
@@ -237,6 +256,17 @@ def _decode_frame(ds: Any, index: int | None, where: object, ts_name: str) -> np
         ) from None
 
 
+def _check_decoded(arr: np.ndarray, ds: Any, where: object, samples: int, index: int | None) -> None:
+    """A decoded frame has the shape Rows/Columns/SamplesPerPixel declare (a codestream may say otherwise)."""
+    want = (int(ds.Rows), int(ds.Columns)) + ((samples,) if samples > 1 else ())
+    if tuple(arr.shape) != want:
+        frame = f" frame {index + 1}" if index is not None else ""
+        raise ImageReadError(
+            f"{where}: inconsistent DICOM: the pixel data{frame} decodes to {tuple(arr.shape)}, Rows/Columns/"
+            f"SamplesPerPixel/NumberOfFrames declare {want}: corrupt header or codestream"
+        )
+
+
 def _to_stored(arr: np.ndarray, where: object, bits_alloc: int, bits_stored: int, pixel_rep: int) -> np.ndarray:
     want = np.int16 if pixel_rep else np.uint16
     if bits_alloc == 8:
@@ -270,8 +300,12 @@ def iter_frames(img: Image) -> Iterator[np.ndarray]:
     ts_name = str(img.meta.get("transfer_syntax_name", ""))
     for i in range(n):
         with _quiet(where):
-            arr = img.pixels if i == 0 else _decode_frame(ds, i, where, ts_name)
-            yield arr if i == 0 else _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
+            if i == 0:
+                yield img.pixels
+                continue
+            arr = _decode_frame(ds, i, where, ts_name)
+            _check_decoded(arr, ds, where, int(ds.SamplesPerPixel), i)
+            yield _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
 
 
 def _number(ds: Any, keyword: str, default: float) -> float:

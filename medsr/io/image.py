@@ -212,7 +212,8 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
             fmt = "dicom"  # DICOM without the 128-byte preamble: pydicom decides
         elif suffix in RASTER_SUFFIXES:
             raise ImageReadError(
-                f"{p}: not a valid {RASTER_SUFFIXES[suffix].upper()} file (unrecognised file signature)"
+                f"{p}: not a valid {RASTER_SUFFIXES[suffix].upper()} file (unrecognised file signature: corrupt, "
+                "or another kind of file)"
             )
         else:
             raise ImageReadError(
