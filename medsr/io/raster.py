@@ -206,11 +206,25 @@ def write_raster(img: Image, tmp: Path) -> None:
     # the format): no encoded copy of a 100+ MB output in memory. OpenCV reports a failed write (a full
     # disk) only as False: an OSError without errno, which os_error_reason names "No space left on device".
     try:
-        ok = cv2.imwrite(str(tmp), np.ascontiguousarray(arr), params)
+        if _utf8(tmp):
+            ok = cv2.imwrite(str(tmp), np.ascontiguousarray(arr), params)
+        else:  # OpenCV takes names as UTF-8: a folder named in other bytes gets the encoded file from Python
+            ok, buf = cv2.imencode(tmp.suffix, np.ascontiguousarray(arr), params)
+            if ok:
+                tmp.write_bytes(buf.tobytes())
     except cv2.error as e:
         raise OSError(f"OpenCV could not write {img.format.upper()}") from e
     if not ok:
         raise OSError(f"OpenCV could not write {img.format.upper()}")
+
+
+def _utf8(path: Path) -> bool:
+    """True if ``path`` is valid UTF-8 (not surrogate-escaped bytes), so that C libraries can open it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _write_tiff(img: Image, arr: np.ndarray, tmp: Path) -> None:
