@@ -228,6 +228,12 @@ def check_tiff_page(path: Path, page: Any, file_size: int) -> None:
             f"that needs {need} {what}s)"
         )
     raw = int(page.compression) == 1
+    spans = sorted(set(zip(offsets[:need], counts[:need], strict=True)))  # one stored strip may be shared
+    for (a, n), (b, _) in zip(spans, spans[1:], strict=False):
+        if a + n > b:
+            raise ImageReadError(
+                f"{path}: corrupt TIFF file ({what}s overlap: {n} bytes at offset {a} run into the {what} at offset {b})"
+            )
     for i, (off, count) in enumerate(zip(offsets[:need], counts[:need], strict=True)):
         if count == 0:
             raise ImageReadError(f"{path}: corrupt TIFF file ({what} {i}: {field} is 0, no data)")

@@ -98,20 +98,28 @@ def _read_dicom(path: Path) -> Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    not_dicom = f"{path}: not a DICOM file"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):  # a preamble, no more
+        not_dicom = f"{path}: truncated DICOM file ({size} bytes: the file ends inside the 128-byte preamble)"
+    elif head[128:132] == b"DICM":  # it says it is DICOM: what follows is damaged
+        not_dicom = f"{path}: truncated or corrupt DICOM file (a DICM marker, then no readable file meta or data set)"
     try:
         ds = pydicom.dcmread(path, force=True)
     except InvalidDicomError:
-        raise ImageReadError(f"{path}: not a DICOM file") from None
+        raise ImageReadError(not_dicom) from None
     except Exception as e:  # truncated/corrupt; message names only the parser problem
         raise ImageReadError(f"{path}: corrupt DICOM file ({type(e).__name__})") from None
     try:
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             if len(ds) == 0 or ("SOPClassUID" not in ds and "PixelData" not in ds):
-                raise ImageReadError(f"{path}: not a DICOM file")
+                raise ImageReadError(not_dicom)
     except ImageReadError:
         raise
     except Exception:  # forced read of non-DICOM bytes
-        raise ImageReadError(f"{path}: not a DICOM file") from None
+        raise ImageReadError(not_dicom) from None
     from medsr.io.checks import check_dicom_lengths
 
     check_dicom_lengths(path, ds, path.stat().st_size)  # declared lengths against the bytes present
@@ -144,7 +152,8 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
                 f"{where}: the file holds a pixel data element that cannot be read: it is truncated or corrupt "
                 "(e.g. an element runs past the end of the file)"
             )
-        image_like = "Rows" in ds or "Columns" in ds or "Image Storage" in getattr(ds.get("SOPClassUID"), "name", "")
+        sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+        image_like = "Rows" in ds or "Columns" in ds or "Image Storage" in getattr(sop, "name", "")
         if path is not None and image_like:  # a file cut before its pixel data still parses
             raise ImageReadError(
                 f"{where}: truncated or corrupt DICOM file: an image (SOP class, Rows/Columns) with no pixel data"
@@ -176,9 +185,14 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
             f"{where}: unsupported DICOM bit depth (BitsAllocated {bits_alloc}, BitsStored {bits_stored}); "
             "need 8 or 16 bits allocated"
         )
+    colour = photometric == "RGB" or photometric.startswith("YBR")
+    if (samples == 3 and photometric.startswith("MONOCHROME")) or (samples == 1 and colour):
+        raise ImageReadError(
+            f"{where}: inconsistent DICOM: SamplesPerPixel {samples} with PhotometricInterpretation {photometric}"
+        )
     if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(f"{where}: unsupported DICOM photometric interpretation {photometric}")
-    if samples == 3 and not (photometric == "RGB" or photometric.startswith("YBR")):
+    if samples == 3 and not colour:
         raise ImageReadError(f"{where}: unsupported DICOM photometric interpretation {photometric}")
     if samples not in (1, 3):
         raise ImageReadError(f"{where}: unsupported DICOM SamplesPerPixel {samples}")
@@ -202,8 +216,9 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
             )
         if got > expected + 1:  # one pad byte is legal
             raise ImageReadError(
-                f"{where}: pixel data is {got} bytes, expected {expected} for {ds.Rows}x{ds.Columns}x{samples} at "
-                f"{bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated do not match the data"
+                f"{where}: inconsistent DICOM: pixel data is {got} bytes, expected {expected} for "
+                f"{ds.Rows}x{ds.Columns}x{samples} at {bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated/"
+                f"NumberOfFrames ({frames}) do not match the data"
             )
     elif raw is not None and tsuid:  # encapsulated: fragments against NumberOfFrames, before any codec sees them
         if not getattr(ds["PixelData"], "is_undefined_length", True):
