@@ -272,10 +272,17 @@ def check_dicom_lengths(path: Path, ds: Any, file_size: int) -> None:
     """Declared lengths of the top-level elements (Pixel Data included) against the file's size,
     before pydicom turns them into values. pydicom reads a 0xFFFFFFF0 length as "the rest of the file"."""
     from pydicom.dataelem import RawDataElement
+    from pydicom.valuerep import VR
 
+    known = {v.value for v in VR}
     for elem in list(ds._dict.values()):  # raw elements only: reading .value would convert them
         if not isinstance(elem, RawDataElement) or elem.value_tell is None:
             continue
+        if not elem.is_implicit_VR and elem.VR is not None and str(elem.VR) not in known:
+            raise ImageReadError(
+                f"{path}: corrupt DICOM file (element ({elem.tag.group:04X},{elem.tag.elem:04X}) at offset "
+                f"{elem.value_tell} has the unknown value representation {str(elem.VR)!r})"
+            )
         length = elem.length
         if length == _UNDEFINED:
             if int(elem.tag) == 0x7FE00010:  # the value stops before the sequence delimiter item
