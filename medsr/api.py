@@ -336,7 +336,4 @@ def _config(config: TileConfig | None, tile: int | None, overlap: int | None, ba
         if (tile, overlap, batch) != (None, None, None):
             raise ValueError("give config= or tile/overlap/batch, not both")
         return config
-    from medsr.runtime.contract import default_overlap
-
-    t = TileConfig().tile if tile is None else tile
-    return TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch)
+    return TileConfig.from_options(tile, overlap, batch)

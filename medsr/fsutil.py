@@ -88,12 +88,20 @@ TEMP_RE = re.compile(r"^\..*\.medsr-(\d+)-[0-9a-f]{8}\.tmp[^/]*$")
 NAME_MAX = 255
 
 
+def _ascii(name: str) -> str:
+    """``name`` with every character outside printable ASCII replaced by ``_``."""
+    return "".join(c if " " <= c <= "~" else "_" for c in name)
+
+
 def _create_temp(dest: Path) -> Path:
-    """A new empty temp file beside ``dest`` whose name stays within NAME_MAX bytes."""
+    """A new empty temp file beside ``dest`` whose name is printable ASCII and stays within NAME_MAX
+    bytes. ASCII, because the name is handed to C libraries that take UTF-8 (OpenCV's imwrite): a
+    destination name that is not valid UTF-8 (Latin-1 bytes from an old share, surrogate-escaped in
+    Python) cannot be passed to them, and only ``os.replace`` sees the real name, as bytes."""
     for _ in range(100):
-        tail = f".medsr-{os.getpid()}-{secrets.token_hex(4)}.tmp{dest.suffix}"
-        room = NAME_MAX - 1 - len(tail.encode())
-        stem = dest.name.encode()[: max(room, 0)].decode("utf-8", "ignore")
+        tail = f".medsr-{os.getpid()}-{secrets.token_hex(4)}.tmp{_ascii(dest.suffix)}"
+        room = NAME_MAX - 1 - len(tail)
+        stem = _ascii(dest.name)[: max(room, 0)]
         tmp = dest.parent / f".{stem}{tail}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

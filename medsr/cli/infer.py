@@ -79,14 +79,10 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         raise click.UsageError("--compile applies to PyTorch models, not to ONNX, OpenVINO or TensorRT engines")
     from medsr.io import DEFAULT_MAX_PIXELS
     from medsr.runtime import TileConfig, plan_tiles
-    from medsr.runtime.contract import default_overlap
 
-    d = TileConfig()
     try:  # the one TileConfig of the run, checked before the model loads
-        t = d.tile if tile is None else tile
         # Triton: fixed-shape tiles, so the server's dynamic batcher can merge requests across images and clients
-        config = TileConfig(tile=t, overlap=default_overlap(t) if overlap is None else overlap, batch=batch,
-                            fit=not triton_url)
+        config = TileConfig.from_options(tile, overlap, batch, fit=not triton_url)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     walk = collect_jobs(list(inputs), outdir)

@@ -99,20 +99,31 @@ def _read_dicom(path: Path) -> Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    not_dicom = f"{path}: not a DICOM file"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):  # a preamble, no more
+        not_dicom = f"{path}: truncated DICOM file ({size} bytes: the file ends inside the 128-byte preamble)"
+    elif head[128:132] == b"DICM":  # it says it is DICOM: what follows is damaged
+        not_dicom = f"{path}: truncated or corrupt DICOM file (a DICM marker, then no readable file meta or data set)"
     try:
         ds = pydicom.dcmread(path, force=True)
     except InvalidDicomError:
-        raise ImageReadError(f"{path}: not a DICOM file") from None
+        raise ImageReadError(not_dicom) from None
     except Exception as e:  # truncated/corrupt; message names only the parser problem
         raise ImageReadError(f"{path}: corrupt DICOM file ({type(e).__name__})") from None
     try:
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             if len(ds) == 0 or ("SOPClassUID" not in ds and "PixelData" not in ds):
-                raise ImageReadError(f"{path}: not a DICOM file")
+                raise ImageReadError(not_dicom)
     except ImageReadError:
         raise
     except Exception:  # forced read of non-DICOM bytes
-        raise ImageReadError(f"{path}: not a DICOM file") from None
+        raise ImageReadError(not_dicom) from None
+    from medsr.io.checks import check_dicom_lengths
+
+    check_dicom_lengths(path, ds, path.stat().st_size)  # declared lengths against the bytes present
     return _image_from_dataset(ds, path)
 
 
@@ -142,6 +153,12 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
                 f"{where}: the file holds a pixel data element that cannot be read: it is truncated or corrupt "
                 "(e.g. an element runs past the end of the file)"
             )
+        sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+        image_like = "Rows" in ds or "Columns" in ds or "Image Storage" in getattr(sop, "name", "")
+        if path is not None and image_like:  # a file cut before its pixel data still parses
+            raise ImageReadError(
+                f"{where}: truncated or corrupt DICOM file: an image (SOP class, Rows/Columns) with no pixel data"
+            )
         raise ImageReadError(
             f"{where}: DICOM file has no pixel data (not an image: e.g. a report or structure)"
         )
@@ -159,6 +176,9 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
         ) from None
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     ts_name = getattr(tsyntax, "name", str(tsyntax))
+    from medsr.io.checks import check_dicom_geometry, check_encapsulated
+
+    check_dicom_geometry(where, ds)
     if frames < 1:
         raise ImageReadError(f"{where}: invalid NumberOfFrames {frames}")
     if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
@@ -166,9 +186,14 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
             f"{where}: unsupported DICOM bit depth (BitsAllocated {bits_alloc}, BitsStored {bits_stored}); "
             "need 8 or 16 bits allocated"
         )
+    colour = photometric == "RGB" or photometric.startswith("YBR")
+    if (samples == 3 and photometric.startswith("MONOCHROME")) or (samples == 1 and colour):
+        raise ImageReadError(
+            f"{where}: inconsistent DICOM: SamplesPerPixel {samples} with PhotometricInterpretation {photometric}"
+        )
     if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(f"{where}: unsupported DICOM photometric interpretation {photometric}")
-    if samples == 3 and not (photometric == "RGB" or photometric.startswith("YBR")):
+    if samples == 3 and not colour:
         raise ImageReadError(f"{where}: unsupported DICOM photometric interpretation {photometric}")
     if samples not in (1, 3):
         raise ImageReadError(f"{where}: unsupported DICOM SamplesPerPixel {samples}")
@@ -192,10 +217,19 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
             )
         if got > expected + 1:  # one pad byte is legal
             raise ImageReadError(
-                f"{where}: pixel data is {got} bytes, expected {expected} for {ds.Rows}x{ds.Columns}x{samples} at "
-                f"{bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated do not match the data"
+                f"{where}: inconsistent DICOM: pixel data is {got} bytes, expected {expected} for "
+                f"{ds.Rows}x{ds.Columns}x{samples} at {bits_alloc} bits: Rows/Columns/SamplesPerPixel/BitsAllocated/"
+                f"NumberOfFrames ({frames}) do not match the data"
             )
+    elif raw is not None and tsuid:  # encapsulated: fragments against NumberOfFrames, before any codec sees them
+        if not getattr(ds["PixelData"], "is_undefined_length", True):
+            raise ImageReadError(
+                f"{where}: corrupt DICOM file: {ts_name} pixel data must be encapsulated (undefined length), "
+                "it has a defined length"
+            )
+        check_encapsulated(where, bytes(raw), tsuid, frames, "NumberOfFrames" in ds)
     arr = _decode_frame(ds, 0 if frames > 1 else None, where, ts_name)
+    _check_decoded(arr, ds, where, samples, 0 if frames > 1 else None)
     arr = _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
     meta: dict[str, Any] = {
         "bits_stored": bits_stored,
@@ -238,6 +272,17 @@ def _decode_frame(ds: Any, index: int | None, where: object, ts_name: str) -> np
         ) from None
 
 
+def _check_decoded(arr: np.ndarray, ds: Any, where: object, samples: int, index: int | None) -> None:
+    """A decoded frame has the shape Rows/Columns/SamplesPerPixel declare (a codestream may say otherwise)."""
+    want = (int(ds.Rows), int(ds.Columns)) + ((samples,) if samples > 1 else ())
+    if tuple(arr.shape) != want:
+        frame = f" frame {index + 1}" if index is not None else ""
+        raise ImageReadError(
+            f"{where}: inconsistent DICOM: the pixel data{frame} decodes to {tuple(arr.shape)}, Rows/Columns/"
+            f"SamplesPerPixel/NumberOfFrames declare {want}: corrupt header or codestream"
+        )
+
+
 def _to_stored(arr: np.ndarray, where: object, bits_alloc: int, bits_stored: int, pixel_rep: int) -> np.ndarray:
     want = np.int16 if pixel_rep else np.uint16
     if bits_alloc == 8:
@@ -271,8 +316,12 @@ def iter_frames(img: Image) -> Iterator[np.ndarray]:
     ts_name = str(img.meta.get("transfer_syntax_name", ""))
     for i in range(n):
         with _quiet(where):
-            arr = img.pixels if i == 0 else _decode_frame(ds, i, where, ts_name)
-            yield arr if i == 0 else _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
+            if i == 0:
+                yield img.pixels
+                continue
+            arr = _decode_frame(ds, i, where, ts_name)
+            _check_decoded(arr, ds, where, int(ds.SamplesPerPixel), i)
+            yield _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)
 
 
 def _number(ds: Any, keyword: str, default: float) -> float:

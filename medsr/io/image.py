@@ -123,9 +123,15 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     if fmt is None:
         if suffix in DICOM_SUFFIXES or suffix == "":
             fmt = "dicom"  # DICOM without the 128-byte preamble: pydicom decides
+        elif suffix in RASTER_SUFFIXES and _signature_prefix(RASTER_SUFFIXES[suffix], head):
+            raise ImageReadError(
+                f"{p}: truncated {RASTER_SUFFIXES[suffix].upper()} file ({len(head)} bytes: it ends inside the file "
+                "signature)"
+            )
         elif suffix in RASTER_SUFFIXES:
             raise ImageReadError(
-                f"{p}: not a valid {RASTER_SUFFIXES[suffix].upper()} file (unrecognised file signature)"
+                f"{p}: not a valid {RASTER_SUFFIXES[suffix].upper()} file (unrecognised file signature: corrupt, "
+                "or another kind of file)"
             )
         else:
             raise ImageReadError(
@@ -154,6 +160,14 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
         img.photometric,
     )
     return img
+
+
+_SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "tiff": _TIFF_MAGIC}
+
+
+def _signature_prefix(fmt: str, head: bytes) -> bool:
+    """True if ``head`` is a proper beginning of one of ``fmt``'s signatures (the file was cut inside it)."""
+    return any(len(head) < len(sig) and sig.startswith(head) for sig in _SIGNATURES[fmt])
 
 
 def _check_size(p: Path, fmt: str, max_pixels: int) -> None:

@@ -23,8 +23,10 @@ def header_size(path: Path, fmt: str) -> tuple[int, int, int]:
     if fmt == "png":
         with open(path, "rb") as f:
             head = f.read(24)
-        if len(head) < 24 or head[12:16] != b"IHDR":
-            raise ImageReadError(f"{path}: not a valid PNG file (missing IHDR header)")
+        if len(head) < 24:
+            raise ImageReadError(f"{path}: truncated PNG file ({len(head)} bytes, the header alone needs 24)")
+        if head[12:16] != b"IHDR":
+            raise ImageReadError(f"{path}: corrupt PNG file (missing IHDR header)")
         w, h = struct.unpack(">II", head[16:24])
         return h, w, 1
     if fmt == "jpeg":
@@ -37,7 +39,7 @@ def header_size(path: Path, fmt: str) -> tuple[int, int, int]:
                 page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
                 h, w = int(page.imagelength), int(page.imagewidth)
         except Exception as e:  # tifffile raises many types for corrupt headers
-            raise ImageReadError(f"{path}: not a valid TIFF file ({type(e).__name__}: {e})") from None
+            raise ImageReadError(f"{path}: corrupt or truncated TIFF file ({type(e).__name__}: {e})") from None
         return h, w, 1
     if fmt == "dicom":
         return _dicom_size(path)

@@ -58,10 +58,9 @@ def _bgr_to_rgb(arr: np.ndarray, path: Path, meta: dict) -> np.ndarray:
 def _read_png(path: Path, data: bytes) -> Image:
     import cv2
 
-    if len(data) < 33 or data[12:16] != b"IHDR":
-        raise ImageReadError(f"{path}: not a valid PNG file (missing IHDR header)")
-    if data.rfind(b"IEND") < 0:
-        raise ImageReadError(f"{path}: truncated PNG file (no IEND chunk at the end)")
+    from medsr.io.checks import check_png
+
+    check_png(path, data)  # every chunk inside the file with its CRC, IHDR valid, IEND present
     bit_depth, color_type = data[24], data[25]
     arr = _decode(path, data, cv2.IMREAD_UNCHANGED, "PNG")
     meta: dict = {"png_bit_depth": int(bit_depth), "png_color_type": _PNG_COLOR_TYPES.get(color_type, "?")}
@@ -76,11 +75,11 @@ def _read_png(path: Path, data: bytes) -> Image:
 def _read_jpeg(path: Path, data: bytes) -> Image:
     import cv2
 
-    # the main image's end-of-image marker comes after its first start-of-scan (an EXIF thumbnail's EOI
-    # comes before it); bytes after the EOI (camera trailers, padding) are legal and ignored
-    sos = data.find(b"\xff\xda")
-    if sos < 0 or data.rfind(b"\xff\xd9") < sos:
-        raise ImageReadError(f"{path}: truncated JPEG file (no end-of-image marker after the image data)")
+    from medsr.io.checks import check_jpeg
+
+    # every marker segment inside the file, a valid frame header, scan data up to an end-of-image marker (an
+    # EXIF thumbnail sits inside its APP1 segment); bytes after the EOI (camera trailers, padding) are ignored
+    check_jpeg(path, data)
     # ANYCOLOR|ANYDEPTH: gray stays gray, EXIF orientation is applied (no EXIF is written back)
     arr = _decode(path, data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH, "JPEG")
     meta: dict = {"jpeg_quality": JPEG_QUALITY}
@@ -91,9 +90,13 @@ def _read_jpeg(path: Path, data: bytes) -> Image:
 def _read_tiff(path: Path) -> Image:
     import tifffile
 
+    from medsr.io.checks import check_tiff_page
+
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
+            # geometry and every strip/tile extent before decoding: tifffile fills missing data with zeros
+            check_tiff_page(path, page, tf.filehandle.size)
             npages = len(tf.pages)
             photometric = int(page.photometric)
             compression = int(page.compression)
@@ -112,7 +115,7 @@ def _read_tiff(path: Path) -> Image:
     except ImageReadError:
         raise
     except Exception as e:  # tifffile raises many types for corrupt files
-        raise ImageReadError(f"{path}: not a valid TIFF file ({type(e).__name__}: {e})") from None
+        raise ImageReadError(f"{path}: corrupt or truncated TIFF file ({type(e).__name__}: {e})") from None
     if npages > 1:
         log.warning("%s: TIFF has %d pages; only the first is read", path, npages)
     # TIFF photometric: 0 min-is-white, 1 min-is-black, 2 RGB, 3 palette, 5 CMYK, 6 YCbCr
@@ -203,11 +206,25 @@ def write_raster(img: Image, tmp: Path) -> None:
     # the format): no encoded copy of a 100+ MB output in memory. OpenCV reports a failed write (a full
     # disk) only as False: an OSError without errno, which os_error_reason names "No space left on device".
     try:
-        ok = cv2.imwrite(str(tmp), np.ascontiguousarray(arr), params)
+        if _utf8(tmp):
+            ok = cv2.imwrite(str(tmp), np.ascontiguousarray(arr), params)
+        else:  # OpenCV takes names as UTF-8: a folder named in other bytes gets the encoded file from Python
+            ok, buf = cv2.imencode(tmp.suffix, np.ascontiguousarray(arr), params)
+            if ok:
+                tmp.write_bytes(buf.tobytes())
     except cv2.error as e:
         raise OSError(f"OpenCV could not write {img.format.upper()}") from e
     if not ok:
         raise OSError(f"OpenCV could not write {img.format.upper()}")
+
+
+def _utf8(path: Path) -> bool:
+    """True if ``path`` is valid UTF-8 (not surrogate-escaped bytes), so that C libraries can open it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _write_tiff(img: Image, arr: np.ndarray, tmp: Path) -> None:

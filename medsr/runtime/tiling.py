@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medsr.runtime.backend import Backend, BackendError, NonFiniteOutputError, TileLimits
-from medsr.runtime.contract import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE, default_halo
+from medsr.runtime.contract import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE, default_halo, default_overlap
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,31 @@ class TileConfig:
             )
         if self.batch is not None and self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+    #: smallest tile whose derived overlap (:func:`~medsr.runtime.contract.default_overlap`) still blends
+    MIN_DERIVED_TILE = 8
+
+    @classmethod
+    def from_options(
+        cls, tile: int | None = None, overlap: int | None = None, batch: int | None = None, *, fit: bool = True
+    ) -> TileConfig:
+        """The configuration from separately given values (CLI options, API keywords; None: the default),
+        checked against each other in this one place; raises ValueError naming the conflict.
+
+        An overlap that is not given is derived from the tile (``default_overlap``: 32, at most half
+        the tile). A tile too small to keep any of it (under 8) is refused rather than silently run
+        without overlap, which leaves a seam every few pixels: ask for ``overlap=0`` to mean that.
+        """
+        t = DEFAULT_TILE if tile is None else tile
+        if overlap is None and isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+            if 1 <= t < cls.MIN_DERIVED_TILE:
+                raise ValueError(
+                    f"tile {t} is smaller than the overlap (default {DEFAULT_OVERLAP} LR pixels, at most half the "
+                    f"tile): a tile under {cls.MIN_DERIVED_TILE} leaves none, so tiles would meet in visible seams; "
+                    f"use a tile of at least {cls.MIN_DERIVED_TILE}, or give the overlap explicitly (0: no blending)"
+                )
+            overlap = default_overlap(int(t))
+        return cls(tile=t, overlap=DEFAULT_OVERLAP if overlap is None else overlap, batch=batch, fit=fit)
 
     @property
     def resolved_halo(self) -> int:
