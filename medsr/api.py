@@ -60,6 +60,25 @@ class Upscaler:
         self._lock = threading.Lock()
         #: LR pixels upscaled so far by this Upscaler (all calls; for throughput figures)
         self.lr_pixels = 0
+        #: why the runtime/precision were chosen when the caller left them to ``auto`` ("" otherwise)
+        self.choice = ""
+
+    def describe(self) -> str:
+        """What runs, in one line: runtime, precision, device, model and tile settings (medsr-infer's log and
+        summary line, and ``repr``). E.g. ``openvino fp32 on cpu (auto: no native bf16), model medsr-cxr-x4 x4
+        1ch, tile 256 overlap 32 halo 8 batch 1``."""
+        from medsr.runtime.contract import default_halo
+
+        b, c = self.backend, self.config
+        batch = c.batch or b.preferred_batch
+        halo = default_halo(c.overlap) if c.halo is None else c.halo
+        where = getattr(b, "url", None) or str(b.device)
+        return (f"{b.name} {b.precision} on {where}{f' ({self.choice})' if self.choice else ''}, model {self.model_id} "
+                f"x{self.scale} {b.channels}ch, tile {c.tile} overlap {c.overlap} halo {halo} batch {batch}"
+                f"{'' if c.fit else ' fixed-shape'}")
+
+    def __repr__(self) -> str:
+        return f"<Upscaler {self.describe()}>"
 
     # construction ---------------------------------------------------------------------------
     @classmethod
@@ -117,17 +136,33 @@ class Upscaler:
         default model), on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO
         when installed, in bf16 when the CPU has native bf16 and ``precision`` is None; see
         ``engines.auto_precision``). Tiling: ``config``, or ``tile``/``overlap``/``batch`` over the defaults."""
-        from medsr.runtime.engines import auto_precision, auto_runtime
+        from medsr.runtime.contract import engine_kind
+        from medsr.runtime.engines import (
+            auto_precision,
+            auto_runtime,
+            check_machine_precision,
+            precision_reason,
+        )
         from medsr.weights import DEFAULT_MODEL
 
         config = _config(config, tile, overlap, batch)
 
+        choice = ""
+        if engine_kind(str(spec or DEFAULT_MODEL)) == "weights" and runtime in ("auto", "torch", "openvino"):
+            # weights: a precision this machine cannot run is refused here, naming what it can run
+            check_machine_precision("torch" if compile else runtime, device, precision)
         if runtime == "auto":
             runtime = "torch" if compile else auto_runtime(str(spec or DEFAULT_MODEL), device, precision)
+            if precision is None and runtime == "openvino":
+                choice = f"auto: {precision_reason()}"
             precision = auto_precision(runtime, precision)
         if runtime == "torch":
-            return cls.from_pretrained(spec, device=device, precision=precision or "fp32", compile=compile, config=config)
-        return cls.from_engine(spec or DEFAULT_MODEL, runtime=runtime, device=device, precision=precision, config=config)
+            up = cls.from_pretrained(spec, device=device, precision=precision or "fp32", compile=compile, config=config)
+        else:
+            up = cls.from_engine(spec or DEFAULT_MODEL, runtime=runtime, device=device, precision=precision,
+                                 config=config)
+        up.choice = choice
+        return up
 
     @classmethod
     def from_engine(

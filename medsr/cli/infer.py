@@ -122,6 +122,8 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     except ValueError as e:
         raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
 
+    ran = up.describe()
+    click.echo(f"medsr-infer: running {ran}", err=True)
     summary, jobs = _start_run(walk, input_files)
     t0 = time.perf_counter()
     interrupted: str | None = None
@@ -148,7 +150,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     summary.megapixels = up.lr_pixels / 1e6
     tiles_bar.close()
     files_bar.close()
-    _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted)
+    _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted, ran)
 
 
 def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
@@ -171,14 +173,16 @@ def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
     return summary, jobs
 
 
-def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir: Path, interrupted: str | None) -> None:
-    """The run's summary and exit status (0; 1 if any file failed; 130 when interrupted)."""
+def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir: Path, interrupted: str | None,
+            ran: str = "") -> None:
+    """The run's summary and exit status (0; 1 if any file failed; 130 when interrupted); ``ran``: what ran
+    (``Upscaler.describe()``), named in the summary line."""
     for path, why in ignored:
         click.echo(f"  ignored ({why}): {path}", err=True)
     click.echo(
         f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed, "
         f"{len(ignored)} ignored (not images or not regular files); "
-        f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}"
+        f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}" + (f"; ran {ran}" if ran else "")
     )
     for _src, msg in summary.failed:
         click.echo(f"  failed: {msg}", err=True)

@@ -49,6 +49,65 @@ def auto_precision(runtime: str, precision: str | None) -> str | None:
     return "bf16" if native_bf16() else "fp32"
 
 
+def machine_precisions(runtime: str = "auto", device: str | Any = "auto") -> tuple[str, ...]:
+    """The precisions ``runtime`` can run on ``device`` on *this* machine, in the order a user would try them:
+    what a ``--precision`` refusal suggests (never a precision this machine would refuse in turn).
+
+    ``auto`` on a CPU is OpenVINO when installed (weights), else PyTorch: OpenVINO runs fp32, bf16 only on a
+    CPU with native bf16, int8 where NNCF is installed (a quantized IR from medsr-export runs without it);
+    PyTorch on a CPU runs fp32 and bf16 (autocast); on CUDA fp32, tf32 (Ampere+), fp16 and bf16 (where the
+    GPU supports it). ONNX Runtime and TensorRT run the precision baked into the file (fp32 or fp16)."""
+    import importlib.util
+
+    from medsr.runtime.backend import resolve_device
+
+    dev = resolve_device(device)
+    if runtime == "auto":
+        has_ov = importlib.util.find_spec("openvino") is not None
+        runtime = "openvino" if dev.type == "cpu" and has_ov else "torch"
+    if runtime == "openvino":
+        from medsr.runtime.openvino_backend import int8_available, native_bf16
+
+        return ("fp32",) + (("bf16",) if native_bf16() else ()) + (("int8",) if int8_available() else ())
+    if runtime == "torch":
+        if dev.type == "cpu":
+            return ("fp32", "bf16")
+        import torch
+
+        ampere = torch.cuda.get_device_capability(dev)[0] >= 8
+        return ("fp32",) + (("tf32",) if ampere else ()) + ("fp16",) + (
+            ("bf16",) if torch.cuda.is_bf16_supported() else ())
+    return ("fp32", "fp16")  # onnxruntime, tensorrt: the file's own (x.onnx / x.fp16.onnx, the engine's)
+
+
+def check_machine_precision(runtime: str, device: str | Any, precision: str | None) -> None:
+    """BackendError naming what this machine can do when ``precision`` is not among
+    :func:`machine_precisions` (e.g. bf16 on a CPU without native bf16; fp16 on a CPU)."""
+    if precision is None:
+        return
+    from medsr.runtime.backend import resolve_device
+
+    can = machine_precisions(runtime, device)
+    if precision not in can:
+        dev = resolve_device(device)
+        why = ""
+        if precision == "bf16" and dev.type == "cpu":
+            why = " (this CPU has no native bf16: AVX512-BF16 or AMX)"
+        elif precision in ("fp16", "tf32") and dev.type == "cpu":
+            why = f" ({precision} is a CUDA precision)"
+        raise BackendError(
+            f"precision {precision} is not available for runtime {runtime} on {dev}{why}; "
+            f"this machine can run: {', '.join(can)}"
+        )
+
+
+def precision_reason() -> str:
+    """Why :func:`auto_precision` picks what it picks for OpenVINO on this CPU (for the run's log line)."""
+    from medsr.runtime.openvino_backend import native_bf16
+
+    return "native bf16" if native_bf16() else "no native bf16"
+
+
 def _open_onnx(path: Path, precision: str | None, **kwargs: Any) -> Backend:
     """ONNX Runtime on ``path``, or on its fp32/fp16 sibling (``x.onnx`` <-> ``x.fp16.onnx``) when the asked
     precision is the sibling's; BackendError when neither runs ``precision`` (read from the metadata)."""
@@ -57,7 +116,8 @@ def _open_onnx(path: Path, precision: str | None, **kwargs: Any) -> Backend:
     if precision not in (None, "fp32", "fp16"):
         raise BackendError(
             f"{path}: ONNX Runtime runs the precision baked into the ONNX (fp32 or fp16), not {precision!r}; "
-            "use --runtime openvino for bf16 on CPU, or PyTorch weights for tf32/bf16"
+            f"OpenVINO on this CPU runs {', '.join(machine_precisions('openvino', 'cpu'))} "
+            "(--runtime openvino); PyTorch weights run tf32/bf16 on CUDA"
         )
     backend = OnnxRuntimeBackend(path, **kwargs)
     if precision is None or backend.precision == precision:
