@@ -31,7 +31,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from medsr.io.image import ImageReadError
+from medsr.io.base import ImageReadError
 
 # ------------------------------------------------------------------------------------------------ PNG
 
