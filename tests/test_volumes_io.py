@@ -231,6 +231,25 @@ def test_gantry_tilt_read_with_sheared_affine(tmp_path: Path) -> None:
     assert abs(vol.affine[:3, 2] @ normal / np.linalg.norm(normal)) == pytest.approx(4.0, abs=1e-4)
 
 
+
+def test_series_read_memory_is_bounded(tmp_path: Path) -> None:
+    """Pixels go slice by slice into one preallocated array: beyond the result (array + headers), the peak
+    holds a few slices, however many slices the series has (measured: about 7 slice sizes)."""
+    import tracemalloc
+
+    make_series(tmp_path / "s", n=12, rows=128, cols=128)
+    read_volume(tmp_path / "s")  # imports and caches outside the measurement
+    tracemalloc.start()
+    try:
+        vol = read_volume(tmp_path / "s")
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    slice_bytes = 128 * 128 * 2
+    assert vol.array.nbytes == 12 * slice_bytes
+    assert peak - current < 12 * slice_bytes, (peak - current) / slice_bytes
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 
@@ -459,20 +478,22 @@ def compare_tilt(vol: Volume, outputs: list[Path]) -> dict[str, float]:
     ref_planes = np.array([normal @ (img.affine @ [0, 0, k, 1])[:3] for k in range(ref.shape[2])])
     plane_diff = min(np.abs(ours_planes - ref_planes).max(), np.abs(ours_planes - ref_planes[::-1]).max())
     assert plane_diff < 1e-2
-    # dcm2niix's voxels, sampled from ours (linear) at its voxel centres
-    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in ref.shape], indexing="ij"), -1).reshape(-1, 3)
+    # dcm2niix's voxels (every 3rd column and row of every slice), sampled from ours (linear) at their centres
+    grid = [np.arange(0, ref.shape[0], 3), np.arange(0, ref.shape[1], 3), np.arange(ref.shape[2])]
+    ijk = np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3)
     world = img.affine @ np.c_[ijk, np.ones(len(ijk))].T
     src = np.linalg.solve(ours, world)[:3]
     inside = np.all((src > 0.5) & (src < np.array(vol.shape)[:, None] - 1.5), axis=0)
-    sampled = map_coordinates(vol.array.astype(np.float64), src[:, inside], order=1)
-    diff = np.abs(sampled - ref.reshape(-1)[inside])
-    ref_in = ref.reshape(-1)[inside]
+    sampled = map_coordinates(vol.array.astype(np.float32), src[:, inside], order=1)
+    ref_all = ref[np.ix_(*grid)].reshape(-1)
+    diff = np.abs(sampled - ref_all[inside])
+    ref_in = ref_all[inside]
     stats = {"plane_mm": float(plane_diff), "mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
              "ref_range": float(np.ptp(ref_in)), "corr": float(np.corrcoef(sampled, ref_in)[0, 1]),
              "inside": float(inside.mean())}
     print("dcm2niix tilt comparison:", stats)
     assert inside.mean() > 0.5
-    # measured: mean 0.25 HU (synthetic), 0.70 / 0.73 HU (real 4 mm / 7 mm halves): dcm2niix rounds to integers
+    # measured: mean 0.25 HU (synthetic), 0.71 / 0.74 HU (real 4 mm / 7 mm halves): dcm2niix rounds to integers
     assert stats["corr"] > 0.999 and stats["mean_abs"] < 1.5 and stats["p99_abs"] < 2.0, stats
     return stats
 
