@@ -53,7 +53,7 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def collect_jobs(inputs: list[Path], outdir: Path) -> Walk:
+def collect_jobs(inputs: list[Path], outdir: Path, exclude: set[Path] | frozenset[Path] = frozenset()) -> Walk:
     """Files as given; folders walked recursively (hidden files skipped), structure mirrored.
 
     - Symbolic links are followed (files and folders); a folder reached twice (a link loop or two
@@ -63,10 +63,13 @@ def collect_jobs(inputs: list[Path], outdir: Path) -> Walk:
       are ignored and reported; files named explicitly are always tried.
     - Two inputs that map to one output (``d1/a.png d2/a.png``, ``a.png`` + ``a.PNG`` on a
       case-insensitive disk) are both reported as failed before anything runs: nothing is dropped.
+    - ``exclude``: resolved paths of files and folders handled elsewhere (volumes: medsr.volumes.batch).
     """
     w = Walk()
     multi = len(inputs) > 1
     for inp in inputs:
+        if exclude and inp.resolve() in exclude:
+            continue
         if not inp.is_dir():
             w.jobs.append(Job(inp, outdir / inp.name))
             continue
@@ -82,11 +85,14 @@ def collect_jobs(inputs: list[Path], outdir: Path) -> Walk:
                 dirs[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _same_or_inside(rootp / d, outdir))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _same_or_inside(rootp / d, outdir)
+                             and not (exclude and (rootp / d).resolve() in exclude))
             for name in sorted(files):
                 if name.startswith("."):
                     continue
                 f = rootp / name
+                if exclude and f.resolve() in exclude:
+                    continue
                 rel = f.relative_to(inp)
                 if f.is_symlink() and not f.exists():
                     w.failed.append((f, f"{f}: dangling symbolic link (target {os.readlink(f)} does not exist)"))

@@ -56,12 +56,18 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
                    "this machine's cluster; ray://HEAD:10001 a remote one. Paths must be shared by all workers.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray: upscale actors (default: one per GPU, or one per 2 CPUs).")
+@click.option("--factor", type=click.FloatRange(min=1.0), default=None,
+              help="Volumes: through-plane factor [default: slice spacing / in-plane spacing, i.e. isotropic].")
+@click.option("--spacing", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Volumes: target slice spacing in mm (instead of --factor).")
+@click.option("--axis", type=click.IntRange(0, 2), default=None,
+              help="Volumes: the low-resolution voxel axis [default: the one with the largest spacing].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, triton_url: str | None,
          tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
          overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
-         workers: int | None, quiet: bool) -> None:
+         workers: int | None, factor: float | None, spacing: float | None, axis: int | None, quiet: bool) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -85,7 +91,21 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         config = TileConfig.from_options(tile, overlap, batch, fit=not triton_url)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    walk = collect_jobs(list(inputs), outdir)
+    vwalk = _volume_jobs(list(inputs), outdir)
+    vres: tuple[int, int, list[tuple[Path, str]]] = (0, 0, [])
+    walk = collect_jobs(list(inputs), outdir, exclude=vwalk.exclude if vwalk else frozenset())
+    if vwalk and vwalk.jobs:
+        if ray_address is not None or triton_url:
+            raise click.UsageError("volumes run locally: --ray and --triton apply to 2D images (docs/volumes.md)")
+        if factor is not None and spacing is not None:
+            raise click.UsageError("give --factor or --spacing, not both")
+        t0 = time.perf_counter()
+        vres = _run_volumes(vwalk.jobs, engine or model, runtime, precision, device, config, overwrite, factor,
+                            spacing, axis, dicom_syntax, quiet)
+        if not walk.jobs and not walk.failed:
+            summary = Summary(written=vres[0], skipped=vres[1], failed=vres[2])
+            _finish(summary, walk.ignored, time.perf_counter() - t0, outdir, None, "", what="volumes")
+        walk.failed.extend(vres[2])
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -125,6 +145,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     ran = up.describe()
     click.echo(f"medsr-infer: running {ran}", err=True)
     summary, jobs = _start_run(walk, input_files)
+    summary.written, summary.skipped = vres[0], vres[1]  # volumes of a mixed run
     t0 = time.perf_counter()
     interrupted: str | None = None
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
@@ -153,6 +174,49 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted, ran)
 
 
+def _volume_jobs(inputs: list[Path], outdir: Path):  # type: ignore[no-untyped-def]
+    """The volumes among the inputs (NIfTI/MGZ, CT/MR series folders), or None without medsr[volumes]."""
+    try:
+        from medsr.volumes.batch import split_inputs
+    except ImportError:  # nibabel/scipy not installed: 2D only
+        return None
+    return split_inputs(inputs, outdir)
+
+
+def _run_volumes(jobs: list, spec: str | None, runtime: str, precision: str | None, device: str, config: object,  # type: ignore[type-arg]
+                 overwrite: bool, factor: float | None, spacing: float | None, axis: int | None,
+                 dicom_syntax: str | None, quiet: bool) -> tuple[int, int, list[tuple[Path, str]]]:
+    """The volume jobs (medsr.volumes.batch), with the through-plane model (default medsr-mr-tp)."""
+    from tqdm import tqdm
+
+    from medsr.volumes.batch import run_volume_jobs
+
+    def load():  # type: ignore[no-untyped-def]
+        from medsr.api import Upscaler
+        from medsr.volumes import VolumeUpscaler
+        from medsr.volumes.upscaler import DEFAULT_VOLUME_MODEL
+
+        try:
+            vu = VolumeUpscaler(Upscaler.load(spec or DEFAULT_VOLUME_MODEL, runtime=runtime, device=device,
+                                              precision=precision, config=config))  # type: ignore[arg-type]
+        except Exception as e:  # one clear line: missing weights, a 2D model, no runtime
+            click.echo(f"medsr-infer: cannot load the volume model: {e}", err=True)
+            sys.exit(2)
+        click.echo(f"medsr-infer: volumes run {vu.upscaler.describe()}", err=True)  # type: ignore[union-attr]
+        return vu
+
+    def progress(name: str):  # type: ignore[no-untyped-def]
+        if quiet:
+            return None
+        bar = tqdm(desc=Path(name).name, unit="slice", leave=False)
+        return _bar_progress(bar)
+
+    for j in jobs:
+        click.echo(f"medsr-infer: detected {j.description} in {j.src}: one volume", err=True)
+    return run_volume_jobs(jobs, load, overwrite=overwrite, factor=factor, spacing=spacing, axis=axis,
+                           dicom_syntax=dicom_syntax, log=lambda m: click.echo(m, err=True), progress=progress)
+
+
 def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
     """What every run does before the first file (local or Ray): outputs that would overwrite an input
     fail, temps of runs killed mid-write are removed, and SIGTERM (a service stop, `kill`) ends the run
@@ -174,7 +238,7 @@ def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
 
 
 def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir: Path, interrupted: str | None,
-            ran: str = "") -> None:
+            ran: str = "", what: str = "") -> None:
     """The run's summary and exit status (0; 1 if any file failed; 130 when interrupted); ``ran``: what ran
     (``Upscaler.describe()``), named in the summary line."""
     for path, why in ignored:
@@ -182,7 +246,8 @@ def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir
     click.echo(
         f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed, "
         f"{len(ignored)} ignored (not images or not regular files); "
-        f"{summary.megapixels:.2f} LR megapixels in {dt:.1f} s -> {outdir}" + (f"; ran {ran}" if ran else "")
+        + (f"{summary.megapixels:.2f} LR megapixels" if what != "volumes" else "volumes")
+        + f" in {dt:.1f} s -> {outdir}" + (f"; ran {ran}" if ran else "")
     )
     for _src, msg in summary.failed:
         click.echo(f"  failed: {msg}", err=True)

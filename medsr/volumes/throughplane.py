@@ -90,8 +90,10 @@ def resample_axis(array: np.ndarray, axis: int, positions: np.ndarray, order: in
 
 
 def lr_axis(spacing: tuple[float, float, float]) -> int:
-    """The axis with the largest spacing (the first of equals)."""
-    return int(np.argmax(np.asarray(spacing)))
+    """The axis with the largest spacing; among (near) equals (within 1 %) the last one, which is the slice
+    axis of a DICOM series and, by convention, of a NIfTI file."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    return int(np.flatnonzero(sp >= 0.99 * sp.max())[-1])
 
 
 @dataclass(frozen=True)

@@ -79,20 +79,24 @@ class VolumeUpscaler:
     def plan(self, volume: Volume, **kw: Any) -> Any:
         return plan(volume, **kw)
 
-    def upscale_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
+    def upscale_file(self, src: str | os.PathLike[str] | list[Path], dst: str | os.PathLike[str], *,
+                     overwrite: bool = False, series_uid: str | None = None,
                      axis: int | None = None, factor: float | None = None, spacing: float | None = None,
                      progress: Callable[[int, int], object] | None = None, log: Callable[[str], object] | None = None,
                      dicom_syntax: str | None = None) -> Path:
         """Read a NIfTI/MGZ file or a DICOM series, restore it, write ``dst``: a .nii/.nii.gz file, or a folder
         (a derived DICOM series) when the input is DICOM and ``dst`` has no NIfTI suffix."""
-        from medsr.volumes.io import read_volume, write_dicom_series, write_nifti
+        from medsr.volumes.derive import write_dicom_series
+        from medsr.volumes.io import read_volume
+        from medsr.volumes.nifti import write_nifti
 
-        src_p, dst_p = Path(src), Path(dst)
-        if dst_p.exists() and not overwrite:
-            raise FileExistsError(f"{dst_p}: output exists (pass overwrite to replace it)")
+        src_p = Path(src[0]).parent if isinstance(src, list) else Path(src)
+        dst_p = Path(dst)
         if dst_p.exists() and dst_p.resolve() == src_p.resolve():
             raise ValueError(f"{dst_p}: refusing to write over the input")
-        vol = read_volume(src_p)
+        if dst_p.exists() and not overwrite:
+            raise FileExistsError(f"{dst_p}: output exists (pass overwrite to replace it)")
+        vol = read_volume(src if isinstance(src, list) else src_p, series_uid=series_uid)
         p = plan(vol, axis=axis, factor=factor, target_spacing=spacing)
         if log is not None:
             for note in vol.meta.notes:
