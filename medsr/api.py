@@ -1,11 +1,16 @@
 """Python runtime API for PACS integrations and scripts.
 
 >>> from medsr import Upscaler
->>> up = Upscaler.from_pretrained("realesrgan-x4plus")       # PyTorch, CPU or CUDA
+>>> up = Upscaler.load()                                       # what medsr-infer runs: default model, runtime, precision
 >>> hr = up(lr_uint16)                                         # numpy in, numpy out, same dtype
 >>> up.upscale_file("in.dcm", "out/in.dcm")                   # format and bit depth kept
 >>> derived = up.upscale_dicom(pydicom.dcmread("in.dcm"))     # a derived FileDataset (save_as -> Part 10)
 >>> up.upscale_file("a.png", "out/a.png", progress=lambda done, total: print(done, "/", total))
+
+One loading rule: :meth:`Upscaler.load` is the entry point, with medsr-infer's and medsr-node's defaults
+(runtime from the file kind and device, precision from the runtime), so the API, the CLI, the node and Ray
+give identical pixels for identical settings. :meth:`Upscaler.from_pretrained` is the PyTorch path only
+(``load(..., runtime="torch")`` calls it); :meth:`Upscaler.from_engine` opens a given engine file.
 
 Thread safety: one Upscaler may be shared between threads; calls are serialised by a lock (one
 backend = one device queue). For parallel throughput use one Upscaler per thread/GPU.
@@ -47,6 +52,7 @@ class Upscaler:
         model_id: str | None = None,
         variants: dict[int, Backend] | None = None,
         weights_sha256: str | None = None,
+        source_sha256: str | None = None,
     ) -> None:
         from medsr.runtime import TileConfig
 
@@ -56,6 +62,9 @@ class Upscaler:
         #: sha256 of the weights (or of the weights an engine was exported from); derived DICOM UIDs depend
         #: on it. None when unknown: UIDs then depend on ``model_id`` only
         self.weights_sha256 = weights_sha256 or backend.weights_sha256 or None
+        #: sha256 of the file the model was loaded from (weights or engine file): known before loading
+        #: (:func:`job_provenance`), so an existing output can be matched to a job without loading the model
+        self.source_sha256 = source_sha256 or self.weights_sha256
         self._variants: dict[int, Backend] = {backend.channels: backend, **(variants or {})}
         self._lock = threading.Lock()
         #: LR pixels upscaled so far by this Upscaler (all calls; for throughput figures)
@@ -95,7 +104,9 @@ class Upscaler:
         channels_last: bool = True,
         compile: bool = False,
     ) -> Upscaler:
-        """A registered model name or a weights file (.pth/.safetensors/ncnn .param), on PyTorch.
+        """A registered model name or a weights file (.pth/.safetensors/ncnn .param), on PyTorch: the PyTorch-only
+        path. :meth:`load` is the documented entry point (the CLI's runtime and precision defaults: OpenVINO on
+        a CPU when installed); ``load(spec, runtime="torch")`` comes here.
 
         ``None`` takes medsr's default, the shipped chest X-ray fidelity model (``medsr.weights.DEFAULT_MODEL``).
         Tiling: ``config``, or ``tile``/``overlap``/``batch`` over the defaults (not both).
@@ -116,7 +127,7 @@ class Upscaler:
         variants: dict[int, Backend] = {}
         if lm.descriptor.in_channels == 3:
             variants[1] = make(fold_to_gray(lm.model))
-        return cls(backend, config, variants=variants)
+        return cls(backend, config, variants=variants, source_sha256=lm.sha256)
 
     @classmethod
     def load(
@@ -132,7 +143,7 @@ class Upscaler:
         overlap: int | None = None,
         batch: int | None = None,
     ) -> Upscaler:
-        """What ``medsr-infer`` and ``medsr-node`` load: a registered name, weights or an engine file (None: the
+        """The entry point: what ``medsr-infer``, ``medsr-node``, ``medsr-eval`` and Ray workers load: a registered name, weights or an engine file (None: the
         default model), on ``runtime`` (auto: from the file kind and device, e.g. weights on a CPU -> OpenVINO
         when installed, in bf16 when the CPU has native bf16 and ``precision`` is None; see
         ``engines.auto_precision``). Tiling: ``config``, or ``tile``/``overlap``/``batch`` over the defaults."""
@@ -202,7 +213,8 @@ class Upscaler:
         # the weights' sha256 the engine records (ONNX metadata, sidecar), else the engine file's own
         digest = backend.weights_sha256 or (sha256_file(p) if p.is_file() else None)
         return cls(backend, config, model_id=backend.model_id if backend.model_id != "custom" else p.stem,
-                   weights_sha256=digest)
+                   weights_sha256=digest,
+                   source_sha256=digest if engine_kind(p) == "weights" or not p.is_file() else sha256_file(p))
 
     @classmethod
     def from_triton(
@@ -241,6 +253,24 @@ class Upscaler:
     @property
     def scale(self) -> int:
         return self.backend.scale
+
+    @property
+    def runtime(self) -> str:
+        """The engine that runs the model: torch, openvino, onnxruntime, tensorrt or triton."""
+        return str(self.backend.name)
+
+    @property
+    def precision(self) -> str:
+        """The precision the backend computes in (fp32, tf32, fp16, bf16)."""
+        return str(getattr(self.backend, "precision", "fp32"))
+
+    def provenance(self) -> dict[str, str]:
+        """What made this Upscaler's outputs, as written into every output (:mod:`medsr.io.provenance`)."""
+        import medsr
+
+        return {"version": medsr.__version__, "model": self.model_id, "weights-sha256": self.weights_sha256 or "",
+                "source-sha256": self.source_sha256 or "", "scale": f"x{self.scale}", "runtime": self.runtime,
+                "precision": self.precision}
 
     def backend_for(self, channels: int) -> Backend:
         """The backend that serves ``channels``-channel images (created on first use)."""
@@ -304,10 +334,10 @@ class Upscaler:
                     total[0] += n
 
             return derive_frames(img, lambda f: self._upscale_stored(f, frame_progress), self.scale, self.model_id,
-                                 weights_sha256=self.weights_sha256, syntax=dicom_syntax)
+                                 weights_sha256=self.weights_sha256, syntax=dicom_syntax, provenance=self.provenance())
         out = self._upscale_stored(img, progress)
         return make_output(img, out, self.scale, self.model_id, weights_sha256=self.weights_sha256,
-                           dicom_syntax=dicom_syntax)
+                           dicom_syntax=dicom_syntax, provenance=self.provenance())
 
     def _upscale_stored(self, img: Image, progress: Callable[[int, int], object] | None) -> np.ndarray:
         from medsr.io import float_to_stored, to_float
@@ -361,6 +391,37 @@ def check_output(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
         raise ValueError(f"{d}: refusing to write over the input file")
     if d.exists() and not overwrite:
         raise FileExistsError(f"{d}: output exists (pass overwrite=True to replace it)")
+
+
+def job_provenance(spec: str | os.PathLike[str] | None = None, *, runtime: str = "auto", device: str = "auto",
+                   precision: str | None = None, compile: bool = False) -> dict[str, str | None]:
+    """What :meth:`Upscaler.load` with these arguments will write as provenance, found WITHOUT loading the
+    model: ``source-sha256`` (the file's sha256: pinned for registered models), ``runtime`` and ``precision``
+    (None where only the engine file knows it, e.g. an .onnx with precision None). Raises WeightsError for a
+    name or file that does not exist."""
+    from medsr.fsutil import sha256_file
+    from medsr.runtime.contract import engine_kind
+    from medsr.runtime.engines import auto_precision, auto_runtime
+    from medsr.weights import DEFAULT_MODEL, check_spec
+    from medsr.weights.registry import cached_path, find_entry
+
+    name = DEFAULT_MODEL if spec is None else spec
+    check_spec(name)
+    if runtime == "auto":
+        runtime = "torch" if compile else auto_runtime(str(name), device, precision)
+        precision = auto_precision(runtime, precision)
+    if runtime in ("torch", "openvino"):
+        precision = precision or "fp32"
+    entry = find_entry(name) if isinstance(name, str) else None
+    digest: str | None
+    if entry is not None:
+        path = cached_path(entry)
+        digest = (entry.sha256 or sha256_file(path)) if path.is_file() else None
+    else:
+        p = Path(name).expanduser()
+        kind = engine_kind(p)
+        digest = sha256_file(p.with_suffix(".bin") if kind == "weights" and p.suffix.lower() == ".param" else p)
+    return {"source-sha256": digest, "runtime": runtime, "precision": precision}
 
 
 def _config(config: TileConfig | None, tile: int | None, overlap: int | None, batch: int | None) -> TileConfig:

@@ -65,7 +65,18 @@ def expected_derived_uid(ds: Any, weights: Path | None = None) -> str:
     from medsr.fsutil import sha256_file
     from medsr.io.dicom_derive import derived_uids
 
-    return derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None)[0]
+    return derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None,
+                        provenance=engine_of(weights))[0]
+
+
+def engine_of(weights: Path | None) -> dict[str, str | None]:
+    """The runtime and precision that enter derived UIDs: what a node process picks for ``weights`` on the CPU
+    (the loading rule of medsr-infer), or PyTorch fp32 for the in-process :func:`tiny_upscaler`."""
+    if weights is None:
+        return {"runtime": "torch", "precision": "fp32"}
+    from medsr.api import job_provenance
+
+    return job_provenance(weights, device="cpu")
 
 
 def send(port: int, datasets: Iterable[Any], calling: str = "SENDER", called: str = "MEDSR",
@@ -226,7 +237,7 @@ def start_node_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> bool:
+def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 600) -> bool:
     def up() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode} before listening")
@@ -237,7 +248,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeo
     return wait_for(up, timeout, 0.1)
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = 15, timeout: float = 30) -> int:
+def stop_process(proc: subprocess.Popen[bytes], sig: int = 15, timeout: float = 120) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
         try:

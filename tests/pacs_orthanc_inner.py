@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from pacs_helpers import (
     SCALE,
+    engine_of,
     expected_derived_uid,
     node_toml,
     send,
@@ -191,7 +192,7 @@ def _derived_series(src: Any, weights: Path) -> str:
     from medsr.fsutil import sha256_file
     from medsr.io.dicom_derive import derived_uids
 
-    return derived_uids(src, "tiny", SCALE, weights_sha256=sha256_file(weights))[1]
+    return derived_uids(src, "tiny", SCALE, weights_sha256=sha256_file(weights), provenance=engine_of(weights))[1]
 
 
 @pytest.mark.timeout(90)

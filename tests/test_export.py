@@ -258,3 +258,18 @@ def test_failed_parity_leaves_no_model_behind(tmp_path: Path, monkeypatch: pytes
         export_onnx(tiny_rrdb(4, 1), out)
     assert out.read_bytes() == b"previous good export"  # the failed export never replaced it
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # and left no temporary file
+
+
+def test_cli_writes_an_openvino_ir_that_infer_runs(tmp_path: Path) -> None:
+    """`medsr-export -o x.xml` (documented in docs/export.md) writes the IR medsr-infer --engine runs."""
+    pytest.importorskip("openvino")
+    from medsr import Upscaler
+    from medsr.cli.export import main
+
+    w = _save_tiny(tmp_path, 2, 3)
+    xml = tmp_path / "out" / "r.xml"
+    r = CliRunner().invoke(main, ["--weights", str(w), "--recipe", "retina_x2", "--no-fp16", "-o", str(xml)])
+    assert r.exit_code == 0, r.output
+    assert xml.is_file() and xml.with_suffix(".bin").is_file() and "no engine built" in r.output
+    up = Upscaler.load(xml, device="cpu", tile=16, overlap=4)
+    assert up.runtime == "openvino" and up.scale == 2

@@ -108,7 +108,7 @@ def test_eval_volumes_writes_a_table_with_the_baselines(tmp_path: Path, tiny_x1:
     nib.save(nib.Nifti1Image(phantom, np.eye(4)), str(data / "phantom.nii.gz"))
     out = tmp_path / "ev"
     r = CliRunner().invoke(eval_main, [str(data), "--volumes", "--model", str(tiny_x1), "--factor", "2",
-                                       "--out", str(out)])
+                                       "-o", str(out)])
     assert r.exit_code == 0, r.output
     text = (out / "summary.md").read_text()
     for m in ("nearest", "linear", "bspline", "tiny_x1"):
@@ -126,9 +126,9 @@ def test_train_volumes_and_adapt_smoke(tmp_path: Path, tiny_x1: Path) -> None:
         arr = rng.random((40, 40, 40)).astype(np.float32)
         nib.save(nib.Nifti1Image(arr, np.eye(4)), str(data / f"{name}.nii.gz"))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "medsr.cli.train", "--volumes", str(data), "--holdout", "b", "--out", str(run),
+    cmd = [sys.executable, "-m", "medsr.cli.train", "--volumes", str(data), "--holdout", "b", "-o", str(run),
            "--from-scratch", "--model-override", "num_block=1,num_feat=8,num_grow_ch=4", "--max-iters", "4",
-           "--batch", "2", "--crop", "32", "--no-progress", "--set", "train.val_every=4"]
+           "--batch", "2", "--crop", "32", "-q", "--set", "train.val_every=4"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "validation pairs from 1 held-out" in r.stderr
@@ -137,7 +137,7 @@ def test_train_volumes_and_adapt_smoke(tmp_path: Path, tiny_x1: Path) -> None:
     thick = _nifti(tmp_path / "scan.nii.gz", shape=(40, 36, 8), zooms=(1.0, 1.0, 3.0))
     run2 = tmp_path / "adapt"
     cmd = [sys.executable, "-m", "medsr.cli.train", "--adapt", str(thick), "--pretrained", str(weights),
-           "--out", str(run2), "--minutes", "0.1", "--max-iters", "3", "--batch", "2", "--crop", "32", "--no-progress"]
+           "-o", str(run2), "--minutes", "0.1", "--max-iters", "3", "--batch", "2", "--crop", "32", "-q"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "in-plane slices" in r.stderr and "factor 3" in r.stderr

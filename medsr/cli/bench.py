@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from medsr.cli.options import LogOptions, device_option, logging_options, output_option
+
 PRESETS = ("smoke", "quick", "full")
 
 
@@ -14,7 +16,7 @@ PRESETS = ("smoke", "quick", "full")
 @click.option("--quick", "preset", flag_value="quick", help="Real x4plus, small inputs and tiles, few repeats.")
 @click.option("--full", "preset", flag_value="full", help="Real x4plus, realistic tiles and sizes (slow on CPU).")
 @click.option("--model", default=None, help="'tiny', a registered name (realesrgan-x4plus) or a weights file.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option()
 @click.option("--tile", type=int, default=None, help="LR tile size for the path table.")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
 @click.option("--repeats", type=int, default=None, help="Timed repeats per path (median reported).")
@@ -24,11 +26,11 @@ PRESETS = ("smoke", "quick", "full")
 @click.option("--memory", "memory", default=None, metavar="HxW",
               help="Instead of the path table: peak RSS of whole medsr-infer runs per CPU path on one synthetic "
                    "16-bit HxW image (e.g. 3000x2500).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default benchmarks/results/<host>-<date>).")
+@output_option(help="Output folder [default: benchmarks/results/<host>-<date>].")
+@logging_options
 def main(preset: str | None, model: str | None, device: str, tile: int | None, batch: int | None,
          repeats: int | None, paths: str | None, threads: int | None, no_scaling: bool, memory: str | None,
-         out: Path | None) -> None:
+         output: Path | None, log: LogOptions) -> None:
     """Benchmark every inference path (PyTorch, ONNX Runtime, TensorRT) against PyTorch fp32.
 
     Prints ms per tile, LR MP/s, achieved TFLOP/s and % of a GEMM peak measured in the same run,
@@ -36,6 +38,9 @@ def main(preset: str | None, model: str | None, device: str, tile: int | None, b
     Paths that cannot run here are listed as "skipped: <reason>".
     """
     from medsr.bench.paths import PATH_NAMES, PathSkipped, resolve_device
+
+    out = output
+    say = (lambda s: None) if log.quiet else (lambda s: click.echo(s, err=True))
 
     if memory:
         from medsr.bench.memory import CPU_PATHS, memory_markdown, run_memory, write_memory
@@ -52,7 +57,7 @@ def main(preset: str | None, model: str | None, device: str, tile: int | None, b
         if names and any(n not in known for n in names):
             raise click.UsageError(f"--paths for --memory: known CPU paths are {', '.join(known)}")
         m = model or DEFAULT_MODEL
-        rows = run_memory(m, size=hw, paths=names, tile=tile, log=lambda s: click.echo(s, err=True))  # type: ignore[arg-type]
+        rows = run_memory(m, size=hw, paths=names, tile=tile, log=say)  # type: ignore[arg-type]
         click.echo(memory_markdown(rows, m, hw))  # type: ignore[arg-type]
         for name, path in write_memory(rows, out or _out(), m, hw).items():  # type: ignore[arg-type]
             click.echo(f"wrote {name}: {path}")
@@ -89,7 +94,7 @@ def main(preset: str | None, model: str | None, device: str, tile: int | None, b
     if no_scaling:
         cfg.scaling_sizes, cfg.overhead_hw = [], None
     try:
-        result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
+        result = run_bench(cfg, log=say)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     files = write_report(result, out or default_out_dir())

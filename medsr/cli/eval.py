@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from medsr.cli.options import (
+    LogOptions,
+    logging_options,
+    model_options,
+    output_option,
+    runtime_options,
+    tiling_options,
+)
 from medsr.eval.baselines import BASELINES
 from medsr.eval.protocol import DEFAULT_SIGMA, ProtocolConfig, evaluate, iter_folder, list_images
+from medsr.weights.registry import DEFAULT_MODEL
 
 
-def _load(spec: str, engine: bool, **kw: Any) -> tuple[str, Any]:
+def _load(spec: str, **kw: Any) -> tuple[str, Any]:
+    """The model as medsr-infer loads it (:meth:`medsr.Upscaler.load`: same runtime and precision rule)."""
     from medsr.api import Upscaler
 
-    up = Upscaler.from_engine(spec, **kw) if engine else Upscaler.from_pretrained(spec, **kw)
+    up = Upscaler.load(spec, **kw)
     label = getattr(up, "model_id", None) or Path(spec).stem
     if Path(spec).exists():  # a file: make the label tell which one
         stem = Path(spec).stem
@@ -27,10 +38,9 @@ def _load(spec: str, engine: bool, **kw: Any) -> tuple[str, Any]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--scale", type=click.IntRange(1, 8), default=4, show_default=True, help="Downsampling / SR factor.")
-@click.option("--model", "models", multiple=True,
-              help="Registered model name or weights file (.pth/.safetensors/.param); repeatable.")
-@click.option("--engine", "engines", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Engine or model file (.onnx, .plan); repeatable.")
+@model_options(multiple=True, model_help=f"Registered model name or weights file (.pth/.safetensors/.param) "
+               f"[default: {DEFAULT_MODEL}, unless --engine or --baselines-only is given].")
+@click.option("--baselines-only", is_flag=True, help="Evaluate the interpolation baselines only (no model).")
 @click.option("--sigma", type=click.FloatRange(min=0), default=DEFAULT_SIGMA, show_default=True,
               help="Gaussian blur sigma in LR pixels after bicubic downsampling (0: none).")
 @click.option("--kernel-size", type=int, default=None, help="Odd Gaussian kernel size [default: 2*ceil(3*sigma)+1].")
@@ -44,14 +54,10 @@ def _load(spec: str, engine: bool, **kw: Any) -> tuple[str, Any]:
 @click.option("--crop-border", type=click.IntRange(min=0), default=None, help="Metric border crop [default: scale].")
 @click.option("--no-quantize", is_flag=True, help="Keep LR/SR in float instead of rounding to the source bit depth.")
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when the lpips package is available.")
-@click.option("--tile", type=int, default=None, help="LR tile edge in pixels for the models.")
-@click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
-@click.option("--batch", type=int, default=None, help="Tiles per backend call.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder [default: runs/eval-<date>-<time>].")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@tiling_options()
+@runtime_options()
+@output_option(help="Output folder [default: runs/eval-<date>-<time>].")
+@logging_options
 @click.option("--volumes", is_flag=True,
               help="DATA_DIR holds (near) isotropic NIfTI/MGZ volumes: simulate thick slices, score through-plane "
                    "reconstructions (docs/volumes.md); --model defaults to medsr-mr-tp.")
@@ -59,19 +65,24 @@ def _load(spec: str, engine: bool, **kw: Any) -> tuple[str, Any]:
               help="Volumes: slice-thickness factors to simulate (repeatable) [default: 2 and 4].")
 @click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True,
               help="Volumes: the voxel axis made thick.")
-def main(data_dir: Path, scale: int, models: tuple[str, ...], engines: tuple[str, ...], sigma: float,
-         kernel_size: int | None, down: str, size: int | None, limit: int | None, baselines: tuple[str, ...],
-         crop_border: int | None, no_quantize: bool, no_lpips: bool, tile: int | None, overlap: int | None,
-         batch: int | None, device: str, precision: str, out_dir: Path | None, quiet: bool, volumes: bool,
-         factors: tuple[int, ...], axis: int) -> None:
+def main(data_dir: Path, scale: int, models: tuple[str, ...], engines: tuple[str, ...], baselines_only: bool,
+         sigma: float, kernel_size: int | None, down: str, size: int | None, limit: int | None,
+         baselines: tuple[str, ...], crop_border: int | None, no_quantize: bool, no_lpips: bool, tile: int | None,
+         overlap: int | None, batch: int | None, runtime: str, device: str, precision: str | None,
+         output: Path | None, log: LogOptions, volumes: bool, factors: tuple[int, ...], axis: int) -> None:
     """Degrade DATA_DIR's images (bicubic down + Gaussian blur), super-resolve with each --model/--engine
     and the interpolation baselines, and report PSNR/SSIM (gray/Y, border crop = scale) vs bicubic.
 
-    Writes results.csv, summary.md and figure.png to --out and prints the summary table.
+    Without --model/--engine the default model is evaluated, loaded as medsr-infer loads it. "s/img" is the
+    upscale call alone; the run's wall time per image (model load, reading, degradation, metrics included) is
+    printed under the table.
+    Writes results.csv, summary.md and figure.png to -o and prints the summary table.
     """
     if volumes:
-        _volumes(data_dir, models, factors or (2, 4), axis, out_dir, device, tile, overlap, batch)
+        _volumes(data_dir, () if baselines_only else models, factors or (2, 4), axis, output, runtime, device,
+                 precision, tile, overlap, batch)
         return
+    t_start = time.perf_counter()
     if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
         raise click.BadParameter("must be odd and positive", param_hint="--kernel-size")
     paths = list_images(data_dir, limit)
@@ -81,11 +92,14 @@ def main(data_dir: Path, scale: int, models: tuple[str, ...], engines: tuple[str
         scale=scale, sigma=sigma, kernel_size=kernel_size, down=down, size=size, crop_border=crop_border,
         quantize=not no_quantize, baselines=tuple(baselines) or tuple(BASELINES), lpips=not no_lpips,
     )
-    kw = dict(device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
+    if baselines_only and (models or engines):
+        raise click.UsageError("--baselines-only evaluates no model: drop --model/--engine")
+    specs = [] if baselines_only else list(models) + list(engines) or [DEFAULT_MODEL]
+    kw = dict(runtime=runtime, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
     loaded: list[tuple[str, Any]] = []
-    for spec, is_engine in [(m, False) for m in models] + [(e, True) for e in engines]:
+    for spec in specs:
         try:
-            label, up = _load(spec, is_engine, **kw)
+            label, up = _load(spec, **kw)
         except Exception as e:  # one clear line: missing weights, bad file, unavailable runtime
             click.echo(f"medsr-eval: cannot load {spec}: {e}", err=True)
             sys.exit(2)
@@ -94,29 +108,34 @@ def main(data_dir: Path, scale: int, models: tuple[str, ...], engines: tuple[str
             sys.exit(2)
         loaded.append((label, up))
 
-    out = out_dir or Path("runs") / f"eval-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    result = evaluate(iter_folder(paths), loaded, config, progress=not quiet, total=len(paths))
+    out = output or Path("runs") / f"eval-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    result = evaluate(iter_folder(paths), loaded, config, progress=log.progress, total=len(paths))
 
     from medsr.eval.report import markdown_table, write_reports
 
     extra = [f"Data: {data_dir} ({len(paths)} images). Models: "
              + (", ".join(f"{lbl} ({getattr(u, 'model_id', '?')})" for lbl, u in loaded) or "none (baselines only)")
-             + f". Device {device}, precision {precision}."]
+             + f". Runtime {runtime}, device {device}, precision {precision or 'the runtime default'}."]
     written = write_reports(result, out, extra=extra)
     click.echo(f"\n{config.describe()}\n")
     click.echo(markdown_table(result))
+    wall = time.perf_counter() - t_start
+    click.echo(f"wall time: {wall:.1f} s for {len(paths)} image(s), {wall / len(paths):.2f} s per image including "
+               "model load, reading, degradation, every method and the metrics (s/img above: the upscale call only)")
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 def _volumes(data_dir: Path, models: tuple[str, ...], factors: tuple[int, ...], axis: int, out_dir: Path | None,
-             device: str, tile: int | None, overlap: int | None, batch: int | None) -> None:
+             runtime: str, device: str, precision: str | None, tile: int | None, overlap: int | None,
+             batch: int | None) -> None:
     from medsr.volumes.evaluate import run
     from medsr.volumes.upscaler import DEFAULT_VOLUME_MODEL, VolumeUpscaler
 
     loaded: dict[str, object] = {}
     for spec in models or (DEFAULT_VOLUME_MODEL,):
         try:
-            vu = VolumeUpscaler.load(spec, device=device, tile=tile, overlap=overlap, batch=batch)
+            vu = VolumeUpscaler.load(spec, runtime=runtime, device=device, precision=precision, tile=tile,
+                                     overlap=overlap, batch=batch)
         except Exception as e:  # one clear line: missing weights, a 2D model, unavailable runtime
             click.echo(f"medsr-eval: cannot load {spec}: {e}", err=True)
             sys.exit(2)

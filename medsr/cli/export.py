@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from medsr.cli.options import LogOptions, logging_options
+
 ENGINE_SUFFIXES = (".plan", ".engine")
 
 
@@ -25,7 +27,8 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 @click.option("--workspace-gib", type=float, default=4.0, show_default=True, help="TensorRT workspace limit.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file (default: <output dir>/timing.cache).")
-@click.option("-o", "--output", help="Engine (.plan) or ONNX (.onnx) path (default: the recipe's, e.g. engines/cxr_x4.plan).")
+@click.option("-o", "--output", help="Engine (.plan), ONNX (.onnx) or OpenVINO IR (.xml) path (default: the recipe's, "
+              "e.g. engines/cxr_x4.plan).")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path), metavar="REPO",
               help="Also write a Triton model repository: REPO/NAME/config.pbtxt + REPO/NAME/VERSION/model.onnx "
                    "(or model.plan). See docs/scale.md.")
@@ -40,6 +43,7 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 @click.option("--triton-version", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model version directory; config.pbtxt serves exactly this version.")
 @click.option("--triton-overwrite", is_flag=True, help="Replace an existing model version (default: refuse).")
+@logging_options
 def main(
     model_name: str | None,
     weights: str | None,
@@ -62,6 +66,7 @@ def main(
     triton_instances: int,
     triton_version: int,
     triton_overwrite: bool,
+    log: LogOptions,
 ) -> None:
     """Export a super-resolution model to ONNX and build a TensorRT engine (when TensorRT and a GPU exist)."""
     from medsr.arch import fold_to_gray
@@ -94,8 +99,11 @@ def main(
         raise click.ClickException(f"recipe {r.name} wants {r.channels} channels, {spec} has {model.num_in_ch}")
     out = Path(output or r.output or f"engines/{r.name}.plan")
     explicit_engine = output is not None and out.suffix.lower() in ENGINE_SUFFIXES
+    want_ir = out.suffix.lower() == ".xml"  # OpenVINO IR: from the fp32 ONNX beside it, no engine
     if out.suffix.lower() == ".onnx":
         onnx_only, onnx32 = True, out
+    elif want_ir:
+        onnx_only, onnx32 = True, out.with_suffix(".onnx")
     else:
         onnx32 = out.with_suffix(".onnx")
     want16 = r.fp16 if fp16 is None else fp16
@@ -130,8 +138,17 @@ def main(
         raise click.ClickException(f"ONNX export failed: {e}") from e
     # the ONNX Triton serves: fp16 on GPU instances when exported (its casts keep fp32 I/O), else fp32
     triton_onnx = engine_src if triton_kind == "gpu" else res.path
+    if want_ir:
+        from medsr.export.openvino import export_openvino_ir
+
+        try:
+            export_openvino_ir(res.path, out)
+        except BackendError as e:
+            raise click.ClickException(f"OpenVINO IR not written: {e}") from None
+        click.echo(f"  wrote {out} + {out.with_suffix('.bin').name} (OpenVINO IR from {res.path.name}; "
+                   "medsr-infer --engine runs it on OpenVINO, bf16 where the CPU has it natively)")
     if onnx_only:
-        click.echo("  --onnx-only: no engine built")
+        click.echo(f"  {'-o .xml' if want_ir else '--onnx-only'}: no engine built")
         if triton:
             triton(triton_onnx)
         return

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import click
 
-from medsr.batch import Job, Summary, Walk, collect_jobs
+from medsr.batch import Job, Summary, Walk, collect_jobs, sort_existing, summary_lines
+from medsr.cli.options import (
+    LogOptions,
+    logging_options,
+    model_options,
+    output_option,
+    runtime_options,
+    tiling_options,
+)
+from medsr.weights.registry import DEFAULT_MODEL
 
 
 def _load_upscaler(engine: str | None, model: str | None, runtime: str, precision: str | None, device: str,
@@ -22,29 +31,19 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder; input folder structure is mirrored inside it.")
-@click.option("--engine", type=click.Path(exists=True, dir_okay=False),
-              help="Engine or model file: .plan (TensorRT), .onnx (ONNX Runtime), .pth/.safetensors (PyTorch).")
-@click.option("--model", help="Registered model name or weights path (default: medsr-cxr-x4, the shipped "
-              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model); with --triton, the name of "
-              "the model on the server.")
+@output_option(required=True, help="Output folder; input folder structure is mirrored inside it.")
+@model_options(model_help=f"Registered model name or weights path [default: {DEFAULT_MODEL}, the shipped chest X-ray "
+               "fidelity model; realesrgan-x4plus is the general GAN model]; with --triton, the name of the model on "
+               "the server.")
 @click.option("--triton", "triton_url", metavar="URL",
               help="Run on a Triton Inference Server (grpc://HOST:8001, http://HOST:8000): tiles go to the server "
                    "in batches; needs --model NAME. See docs/scale.md.")
-@click.option("--tile", type=int, default=None, help="LR tile edge in pixels, overlap included.")
-@click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
-@click.option("--batch", type=int, default=None, help="Tiles per backend call.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
-              help="fp32 (IEEE, also on CUDA), tf32 (CUDA), fp16 (CUDA), bf16. Default: weights on a CPU run "
-                   "OpenVINO bf16 where the CPU has native bf16 (else fp32; mean error vs fp32 0.25/255), weights on "
-                   "CUDA fp32, .onnx/.plan the file's own; another one is honoured or refused, never ignored.")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]), default="auto",
-              show_default=True, help="Inference engine; auto: from the file type (weights: OpenVINO on a CPU when "
-                                      "installed, else PyTorch).")
+@tiling_options()
+@runtime_options()
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (PyTorch only; slow first tile).")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs (default: skip an output whose provenance matches this job; refuse one "
+                   "made otherwise).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse inputs with more LR pixels than this, read from the header before decoding "
                    "[default: 50000000].")
@@ -62,19 +61,20 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
               help="Volumes: target slice spacing in mm (instead of --factor).")
 @click.option("--axis", type=click.IntRange(0, 2), default=None,
               help="Volumes: the low-resolution voxel axis [default: the one with the largest spacing].")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, triton_url: str | None,
-         tile: int | None,
-         overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
-         overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
-         workers: int | None, factor: float | None, spacing: float | None, axis: int | None, quiet: bool) -> None:
-    """Upscale INPUTS (files or folders, recursive) into OUTDIR.
+@logging_options
+def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str | None, triton_url: str | None,
+         tile: int | None, overlap: int | None, batch: int | None, runtime: str, device: str, precision: str | None,
+         compile_: bool, overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
+         workers: int | None, factor: float | None, spacing: float | None, axis: int | None,
+         log: LogOptions) -> None:
+    """Upscale INPUTS (files or folders, recursive) into the -o folder, keeping format and bit depth.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
     while walking a folder (e.g. a manifest.csv) are listed as ignored and do not fail the run.
     """
     from tqdm import tqdm
 
+    outdir, quiet = output, not log.progress
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
     if triton_url:
@@ -104,29 +104,34 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
                             spacing, axis, dicom_syntax, quiet)
         if not walk.jobs and not walk.failed:
             summary = Summary(written=vres[0], skipped=vres[1], failed=vres[2])
-            _finish(summary, walk.ignored, time.perf_counter() - t0, outdir, None, "", what="volumes")
+            _finish(summary, walk.ignored, time.perf_counter() - t0, outdir, None, unit="volumes")
         walk.failed.extend(vres[2])
     jobs, ignored = walk.jobs, walk.ignored
     input_files = {j.src.resolve() for j in jobs}
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if workers is not None and ray_address is None:
         raise click.UsageError("--workers applies to --ray")
+    if ray_address is not None and triton_url:
+        raise click.UsageError("give --ray (workers load the model) or --triton (a server runs it), not both")
+    if ray_address is not None and compile_:
+        raise click.UsageError("--compile is not available with --ray")
+    try:  # before anything loads (on Ray: on the driver, not as dying actors): a wrong name fails here
+        job = _job_identity(engine or model, triton_url, runtime, device, precision, compile_)
+    except Exception as e:
+        click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
+        sys.exit(2)
+    # existing outputs: skipped when this job made them, refused otherwise; from file headers, no model loaded
+    existing = sort_existing(walk.jobs, job, overwrite=overwrite, inputs=input_files)
+    walk.jobs, walk.failed = existing.run, walk.failed + existing.refuse
+    if not walk.jobs:  # nothing left to upscale: no model to load
+        summary, _ = _start_run(walk, input_files, len(existing.skip))
+        _finish(summary, ignored, 0.0, outdir, None)
     if ray_address is not None:
-        if triton_url:
-            raise click.UsageError("give --ray (workers load the model) or --triton (a server runs it), not both")
-        if compile_:
-            raise click.UsageError("--compile is not available with --ray")
         from medsr.scale.ray_batch import LoadSpec, RayOptions
-        from medsr.weights import WeightsError, check_spec
 
-        try:  # on the driver: a wrong name fails here, not as dying actors
-            check_spec(engine or model)
-        except WeightsError as e:
-            click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
-            sys.exit(2)
         load = LoadSpec(engine or model, runtime, device, precision, config, dicom_syntax)
         _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
-                 overwrite, limit, quiet, outdir)
+                 overwrite, limit, quiet, outdir, verbose=log.verbose > 0, skipped=len(existing.skip))
     try:
         if triton_url:
             from medsr.api import Upscaler
@@ -144,8 +149,9 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
 
     ran = up.describe()
     click.echo(f"medsr-infer: running {ran}", err=True)
-    summary, jobs = _start_run(walk, input_files)
-    summary.written, summary.skipped = vres[0], vres[1]  # volumes of a mixed run
+    summary, jobs = _start_run(walk, input_files, len(existing.skip))
+    summary.written += vres[0]  # volumes of a mixed run
+    summary.skipped += vres[1]
     t0 = time.perf_counter()
     interrupted: str | None = None
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
@@ -164,8 +170,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             msg = str(e) or type(e).__name__
             if job.src.name not in msg:
                 msg = f"{job.src}: {msg}"
-            summary.failed.append((job.src, msg))
-            tqdm.write(f"FAILED {msg}", file=sys.stderr)
+            summary.failed.append((job.src, msg))  # reported once, with the summary
             continue
         summary.written += 1
     summary.megapixels = up.lr_pixels / 1e6
@@ -217,13 +222,13 @@ def _run_volumes(jobs: list, spec: str | None, runtime: str, precision: str | No
                            dicom_syntax=dicom_syntax, log=lambda m: click.echo(m, err=True), progress=progress)
 
 
-def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
+def _start_run(walk: Walk, input_files: set[Path], skipped: int = 0) -> tuple[Summary, list[Job]]:
     """What every run does before the first file (local or Ray): outputs that would overwrite an input
     fail, temps of runs killed mid-write are removed, and SIGTERM (a service stop, `kill`) ends the run
     like Ctrl-C (the file being written is abandoned cleanly, the exit status is non-zero)."""
     from medsr.fsutil import remove_stale_temps
 
-    summary = Summary(failed=list(walk.failed))
+    summary = Summary(skipped=skipped, failed=list(walk.failed))
     jobs = []
     for job in walk.jobs:
         if job.dst.resolve() in input_files:
@@ -238,19 +243,11 @@ def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
 
 
 def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir: Path, interrupted: str | None,
-            ran: str = "", what: str = "") -> None:
+            ran: str = "", unit: str = "") -> None:
     """The run's summary and exit status (0; 1 if any file failed; 130 when interrupted); ``ran``: what ran
     (``Upscaler.describe()``), named in the summary line."""
-    for path, why in ignored:
-        click.echo(f"  ignored ({why}): {path}", err=True)
-    click.echo(
-        f"medsr-infer: {summary.written} written, {summary.skipped} skipped (exist), {len(summary.failed)} failed, "
-        f"{len(ignored)} ignored (not images or not regular files); "
-        + (f"{summary.megapixels:.2f} LR megapixels" if what != "volumes" else "volumes")
-        + f" in {dt:.1f} s -> {outdir}" + (f"; ran {ran}" if ran else "")
-    )
-    for _src, msg in summary.failed:
-        click.echo(f"  failed: {msg}", err=True)
+    for line in summary_lines(summary, ignored, dt, outdir, ran=ran, unit=unit):  # all on stderr: one line per failure
+        click.echo(line, err=True)
     if interrupted:
         click.echo(f"medsr-infer: {interrupted}; re-run to continue (existing outputs are skipped)", err=True)
         sys.exit(130)
@@ -258,19 +255,19 @@ def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir
 
 
 def _run_ray(walk: Walk, input_files: set[Path], load: object, options: object, overwrite: bool,
-             max_pixels: int, quiet: bool, outdir: Path) -> None:
+             max_pixels: int, quiet: bool, outdir: Path, verbose: bool = False, skipped: int = 0) -> None:
     """The same job on Ray Data (medsr.scale.ray_batch); same guarantees, summary and exit status."""
     from tqdm import tqdm
 
     from medsr.scale import ray_batch
 
-    summary, jobs = _start_run(walk, input_files)
+    summary, jobs = _start_run(walk, input_files, skipped)
     t0 = time.perf_counter()
     interrupted: str | None = None
     bar = tqdm(total=len(jobs), desc="files (ray)", unit="file", disable=quiet)
     try:
         for r in ray_batch.run([(j.src, j.dst) for j in jobs], load, options, overwrite=overwrite, max_pixels=max_pixels,  # type: ignore[arg-type]
-                               quiet=quiet):
+                               quiet=not verbose):  # Ray's own logs and bars: only with -v
             bar.update(1)
             if r["status"] == ray_batch.WRITTEN:
                 summary.written += 1
@@ -279,7 +276,6 @@ def _run_ray(walk: Walk, input_files: set[Path], load: object, options: object, 
                 summary.skipped += 1
             else:
                 summary.failed.append((Path(r["src"]), r["message"]))
-                tqdm.write(f"FAILED {r['message']}", file=sys.stderr)
     except KeyboardInterrupt as e:
         interrupted = f"interrupted ({e or 'SIGINT'}); files being written were abandoned (no partial outputs)"
     except Exception as e:  # Ray itself failed (no cluster, a worker could not load the model): one clear line
@@ -288,6 +284,16 @@ def _run_ray(walk: Walk, input_files: set[Path], load: object, options: object, 
         sys.exit(2)
     bar.close()
     _finish(summary, walk.ignored, time.perf_counter() - t0, outdir, interrupted)
+
+
+def _job_identity(spec: str | None, triton_url: str | None, runtime: str, device: str, precision: str | None,
+                  compile_: bool) -> dict[str, str | None]:
+    """What this job will write as provenance, without loading the model (medsr.api.job_provenance)."""
+    if triton_url:  # the server's model: its file is not here
+        return {"source-sha256": None, "runtime": "triton", "precision": precision}
+    from medsr.api import job_provenance
+
+    return job_provenance(spec, runtime=runtime, device=device, precision=precision, compile=compile_)
 
 
 def _short(e: BaseException) -> str:

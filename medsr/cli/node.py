@@ -6,19 +6,12 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
 
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs association details (and, at debug, dataset summaries): keep it to warnings
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+from medsr.cli.options import LogOptions, logging_options, setup_logging
 
 
 def _fail(msg: str, code: int) -> None:
@@ -30,7 +23,8 @@ def _fail(msg: str, code: int) -> None:
 @click.option("--config", "-c", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The node's TOML file (see docs/pacs.md).")
 @click.option("--check", is_flag=True, help="Validate the config, load the model and open the spool, then exit.")
-def main(config_path: Path, check: bool) -> None:
+@logging_options
+def main(config_path: Path, check: bool, log: LogOptions) -> None:
     """Run a DICOM super-resolution node: Storage SCP -> durable spool -> upscale -> forward.
 
     SIGTERM or Ctrl-C stops it gracefully: no new associations, the instance in hand is finished,
@@ -43,28 +37,35 @@ def main(config_path: Path, check: bool) -> None:
         cfg = load_config(config_path)
     except ConfigError as e:
         _fail(str(e), 2)
-    _setup_logging(cfg.log_level)
-    log = logging.getLogger("medsr.pacs")
+    setup_logging(log.verbose, log.quiet, log.format, level=cfg.log_level)  # the config's level is the default
+    logger = logging.getLogger("medsr.pacs")
 
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    node = Node(cfg)
     try:
+        m = cfg.model
+        logger.info("loading model %s on %s ... (not listening until ready)",
+                    m.engine or m.name, ", ".join(m.devices))
+        t0 = time.perf_counter()
+        ups = Node(cfg).build_upscalers()
+        logger.info("model loaded in %.1f s: %s", time.perf_counter() - t0,
+                    "; ".join(f"{u.model_id} x{u.scale} on {u.backend.name} {u.backend.precision}" for u in ups))
+        node = Node(cfg, upscalers=ups)
         if check:
-            node.build_upscalers()
             from medsr.pacs import Spool
 
             Spool(cfg.spool.path).close()
             click.echo(f"medsr-node: {config_path}: OK")
             return
         node.start()
+        logger.info("ready in %.1f s (model load included)", time.perf_counter() - t0)
     except ConfigError as e:
         _fail(str(e), 2)
     except (SpoolError, WeightsError) as e:

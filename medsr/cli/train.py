@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from medsr.cli.options import LogOptions, device_option, logging_options, output_option
+
 TINY = {"num_block": "1", "num_feat": "8", "num_grow_ch": "4", "d_num_feat": "8"}
 
 
@@ -24,15 +26,15 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config", default=None,
-              help="Shipped config name (--list-configs) or a .toml path [default: cxr_x4; mr_through_plane with "
+              help="Shipped config name (listed by --list-configs) or a .toml path [default: cxr_x4; mr_through_plane with "
                    "--volumes/--adapt].")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Folder of ground-truth (HR) images.")
 @click.option("--val", type=click.Path(exists=True, file_okay=False), help="Validation folder (HR images, or hr/ + lr/).")
 @click.option("--max-iters", type=int, help="Total iterations of the GAN stage (train.total_iter).")
 @click.option("--batch", type=int, help="Batch size.")
 @click.option("--crop", type=int, help="GT crop size in HR pixels (data.gt_size).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--out", "out", type=click.Path(file_okay=False), help="Run folder (default runs/<config name>).")
+@device_option(default=None, help="auto, cpu, cuda or cuda:N [default: the config's train.device].")
+@output_option(help="Run folder [default: runs/<config name>].", path_type=str)
 @click.option("--resume", type=click.Path(exists=True), help="Checkpoint file or run folder to resume from.")
 @click.option("--vgg", type=click.Path(exists=True, dir_okay=False),
               help="torchvision-format VGG19 weights (vgg19-dcbb9e9d.pth) for the perceptual loss.")
@@ -41,7 +43,6 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
 @click.option("--model-override", help="Comma-separated model keys, e.g. num_block=1,num_feat=8,num_grow_ch=4.")
 @click.option("--tiny", is_flag=True, help="Tiny networks, 64-px crops, no workers: smoke tests only.")
 @click.option("--set", "sets", multiple=True, help="Any config key: section.key=value (repeatable).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-configs", is_flag=True, help="List the shipped configs and exit.")
 @click.option("--volumes", type=click.Path(exists=True, file_okay=False),
               help="Train a through-plane volume model on the (near) isotropic NIfTI/MGZ volumes in this folder.")
@@ -50,13 +51,16 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
               help="Per-volume adaptation: fine-tune the through-plane model on this scan's own in-plane slices.")
 @click.option("--minutes", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="With --adapt: how long to fine-tune.")
+@logging_options
 def main(
-    config: str, data: str | None, val: str | None, max_iters: int | None, batch: int | None, crop: int | None,
-    device: str | None, out: str | None, resume: str | None, vgg: str | None, pretrained: str | None,
-    from_scratch: bool, model_override: str | None, tiny: bool, sets: tuple[str, ...], no_progress: bool,
+    config: str | None, data: str | None, val: str | None, max_iters: int | None, batch: int | None,
+    crop: int | None, device: str | None, output: str | None, resume: str | None, vgg: str | None,
+    pretrained: str | None, from_scratch: bool, model_override: str | None, tiny: bool, sets: tuple[str, ...],
     list_configs: bool, volumes: str | None, holdout: tuple[str, ...], adapt: str | None, minutes: float,
+    log: LogOptions,
 ) -> None:
     """Fine-tune a Real-ESRGAN generator (with U-Net discriminator) and save the EMA generator as medsr weights."""
+    out = output
     from medsr.train.config import ConfigError, load_config, set_value, shipped_configs, validate
 
     if list_configs:
@@ -101,7 +105,7 @@ def main(
 
     from medsr.train.trainer import Trainer, TrainingError
 
-    def log(msg: str) -> None:
+    def say(msg: str) -> None:  # the training log (losses, validation): kept with -q, which stops the bars
         click.echo(msg, err=True)
 
     if volumes or adapt:
@@ -110,19 +114,19 @@ def main(
 
         try:
             if volumes:
-                configure_volume_training(cfg, volumes, holdout, log)
+                configure_volume_training(cfg, volumes, holdout, say)
             else:
-                configure_adaptation(cfg, adapt, minutes, log)
+                configure_adaptation(cfg, adapt, minutes, say)
                 from_scratch = False
         except (VolumeError, ValueError, OSError) as e:
             click.echo(f"medsr-train: error: {e}", err=True)
             sys.exit(2)
 
     try:
-        trainer = Trainer(cfg, log=log, from_scratch=from_scratch)
+        trainer = Trainer(cfg, log=say, from_scratch=from_scratch)
         if resume:
             trainer.load_checkpoint(resume)
-        result = trainer.fit(progress=not no_progress)
+        result = trainer.fit(progress=log.progress)
     except (TrainingError, FileNotFoundError, ValueError) as e:
         click.echo(f"medsr-train: error: {e}", err=True)
         sys.exit(2)

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy as np
 
 from medsr.io.base import Image, ImageWriteError
 from medsr.io.dicom import _LOSSY_TS, _PIXEL_TAGS, SOFTWARE, UID_PREFIX, _as_list, _code_item, _quiet
+from medsr.io.provenance import format_provenance
 
 log = logging.getLogger("medsr.io")
 
@@ -117,22 +118,27 @@ def parse_syntax(spec: str | OutputSyntax | None) -> OutputSyntax:
 # -------------------------------------------------------------------------------------------- UIDs
 
 
-def identity(model_id: str, scale: float, weights_sha256: str | None, syntax: OutputSyntax | None = None) -> list[str]:
+def identity(model_id: str, scale: float, weights_sha256: str | None, syntax: OutputSyntax | None = None,
+             provenance: Mapping[str, str] | None = None) -> list[str]:
     """What decides the output pixels, as UID entropy: the weights (their sha256; the model id only
-    when no hash is known), the scale (an integer for 2D, any ratio for volumes: ``x2``, ``x2.5``), and a
-    lossy encoding. Tile size, overlap, batch, precision,
-    device, backend and lossless syntax are left out by design (docs/io.md)."""
+    when no hash is known), the scale (an integer for 2D, any ratio for volumes: ``x2``, ``x2.5``), the runtime
+    and precision that ran them (from ``provenance``, see :mod:`medsr.io.provenance`; left out when None) and a
+    lossy encoding. Tile size, overlap, batch, device and lossless syntax are left out by design (docs/io.md)."""
     parts = [f"weights-sha256:{weights_sha256.lower()}" if weights_sha256 else f"model-id:{model_id}", f"x{float(scale):g}"]
+    if provenance is not None:
+        parts += [f"runtime:{provenance.get('runtime', '?')}", f"precision:{provenance.get('precision', '?')}"]
     if syntax is not None and syntax.lossy:
         parts.append(f"lossy:{syntax.uid}:{syntax.ratio:g}")
     return parts
 
 
 def derived_uids(
-    src_ds: Any, model_id: str, scale: int, *, weights_sha256: str | None = None, syntax: OutputSyntax | None = None
+    src_ds: Any, model_id: str, scale: int, *, weights_sha256: str | None = None, syntax: OutputSyntax | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> tuple[str, str]:
     """(SOPInstanceUID, SeriesInstanceUID) of the output: deterministic in (source UIDs, weights
-    sha256 or model id, scale, lossy encoding), different from the source's. A source without UIDs:
+    sha256 or model id, scale, runtime and precision when ``provenance`` is given, lossy encoding), different
+    from the source's. A source without UIDs:
     its pixel data hash stands in."""
     from pydicom.uid import generate_uid
 
@@ -143,7 +149,7 @@ def derived_uids(
         sop = "sha256:" + hashlib.sha256(data if isinstance(data, bytes) else b"").hexdigest()
     if not series:
         series = "series-of:" + sop
-    ident = identity(model_id, scale, weights_sha256, syntax)
+    ident = identity(model_id, scale, weights_sha256, syntax, provenance)
     new_sop = generate_uid(UID_PREFIX, entropy_srcs=[SOFTWARE, "sop", sop, *ident])
     new_series = generate_uid(UID_PREFIX, entropy_srcs=[SOFTWARE, "series", series, *ident])
     return str(new_sop), str(new_series)
@@ -507,6 +513,7 @@ def derive_dicom(
     syntax: str | OutputSyntax | None = None,
     now: datetime | None = None,
     source_pixels: np.ndarray | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> Any:
     """The derived (super-resolved) instance for single-frame ``pixels`` (stored values, ``scale``
     x the source size, same dtype/BitsStored/photometric as read by :func:`medsr.io.read_image`),
@@ -514,12 +521,14 @@ def derive_dicom(
     file meta) that ``save_as`` writes as a valid Part 10 file. The source is not modified.
 
     ``source_pixels`` (the LR stored values) restores Pixel Padding exactly. ``now`` (default: the
-    current time) sets the derivation date/time. See docs/io.md for every attribute set.
+    current time) sets the derivation date/time. ``provenance`` (:mod:`medsr.io.provenance`: runtime,
+    precision...) enters the UIDs and the ContributingEquipmentSequence. See docs/io.md for every attribute set.
     """
     frames = int(src_ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise ValueError(f"derive_dicom takes one frame; the source has {frames} (use derive_frames)")
-    hdr = _Header(src_ds, pixels.shape, pixels.dtype, scale, model_id, weights_sha256, parse_syntax(syntax), now, 1)
+    hdr = _Header(src_ds, pixels.shape, pixels.dtype, scale, model_id, weights_sha256, parse_syntax(syntax), now, 1,
+                  provenance)
     enc = _Encoder(hdr.ds, hdr.syntax)
     enc.add(finish_pixels(src_ds, source_pixels, pixels, scale))
     return hdr.finish(enc)
@@ -534,6 +543,7 @@ def derive_frames(
     weights_sha256: str | None = None,
     syntax: str | OutputSyntax | None = None,
     now: datetime | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> Image:
     """Upscale a multi-frame DICOM ``img`` frame by frame with ``upscale`` (a one-frame Image ->
     stored HR pixels) into one derived multi-frame instance. Memory: one LR frame, one HR frame and
@@ -551,7 +561,8 @@ def derive_frames(
         if hr.dtype != img.dtype or hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
             raise ValueError(f"frame {i}: upscaled frame is {hr.shape} {hr.dtype}, expected x{scale} of {lr.shape} {img.dtype}")
         if hdr is None:
-            hdr = _Header(img.dataset, hr.shape, hr.dtype, scale, model_id, weights_sha256, parse_syntax(syntax), now, n)
+            hdr = _Header(img.dataset, hr.shape, hr.dtype, scale, model_id, weights_sha256, parse_syntax(syntax), now, n,
+                          provenance)
             enc = _Encoder(hdr.ds, hdr.syntax)
         out = finish_pixels(img.dataset, lr, hr, scale)
         assert enc is not None
@@ -573,6 +584,7 @@ class _Header:
     def __init__(
         self, src_ds: Any, shape: tuple[int, ...], dtype: np.dtype, scale: int, model_id: str,
         weights_sha256: str | None, syntax: OutputSyntax, now: datetime | None, frames: int,
+        provenance: Mapping[str, str] | None = None,
     ) -> None:
         if scale < 1:
             raise ValueError(f"scale must be >= 1, not {scale}")
@@ -588,6 +600,7 @@ class _Header:
             raise ValueError("weights_sha256 must be 64 hex digits (a sha256), or None")
         self.src, self.scale, self.model_id, self.weights_sha256 = src_ds, scale, model_id, weights_sha256
         self.syntax = syntax
+        self.provenance = dict(provenance) if provenance is not None else None
         with _quiet("derive_dicom"):
             self.ds = self._build(shape, dtype, now, frames)
 
@@ -600,7 +613,8 @@ class _Header:
         where = "derived DICOM"
         ds = copy_source_header(src)  # overlays: re-added scaled below
 
-        new_sop, new_series = derived_uids(src, model_id, scale, weights_sha256=self.weights_sha256, syntax=self.syntax)
+        new_sop, new_series = derived_uids(src, model_id, scale, weights_sha256=self.weights_sha256, syntax=self.syntax,
+                                       provenance=self.provenance)
         sop_class = src.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -628,12 +642,12 @@ class _Header:
                         "a new FrameOfReferenceUID is written", where)
             ds.FrameOfReferenceUID = generate_uid(
                 UID_PREFIX, entropy_srcs=[SOFTWARE, "for", str(src.FrameOfReferenceUID),
-                                          *identity(model_id, scale, self.weights_sha256)])
+                                          *identity(model_id, scale, self.weights_sha256, None, self.provenance)])
         _scale_overlays(src, ds, scale, where)
 
         stamp_provenance(ds, src, what=f"Super-resolution x{scale}", series_tag=f"SR x{scale}", model_id=model_id,
                          weights_sha256=self.weights_sha256, now=now,
-                         sources=[(sop_class, src.get("SOPInstanceUID", ""))])
+                         sources=[(sop_class, src.get("SOPInstanceUID", ""))], provenance=self.provenance)
 
         # lossy history: once lossy, always "01" (ratio/method copied with the dataset)
         ts = str(src.file_meta.get("TransferSyntaxUID", "")) if hasattr(src, "file_meta") else ""
@@ -697,7 +711,7 @@ def copy_source_header(src: Any) -> Any:
 
 def stamp_provenance(
     ds: Any, src: Any, *, what: str, series_tag: str, model_id: str, weights_sha256: str | None,
-    now: datetime | None, sources: list[tuple[str, str]],
+    now: datetime | None, sources: list[tuple[str, str]], provenance: Mapping[str, str] | None = None,
 ) -> None:
     """Provenance of a derived instance ``ds`` made from ``src`` (extends the source's history, never
     replaces it): DerivationDescription (``what`` + software, model, weights), DerivationCode "Spatial
@@ -731,7 +745,8 @@ def stamp_provenance(
     equipment.ManufacturerModelName = SOFTWARE
     equipment.SoftwareVersions = [f"{SOFTWARE} {medsr.__version__}"[:64], model_id[:64]]
     equipment.ContributionDateTime = dt
-    equipment.ContributionDescription = f"{what} by a neural network: model {model_id}, {weights}"[:1024]
+    line = f"; {format_provenance(provenance)}" if provenance is not None else ""
+    equipment.ContributionDescription = f"{what} by a neural network: model {model_id}, {weights}{line}"[:1024]
     equipment.PurposeOfReferenceCodeSequence = Sequence([_code_item("109103", "DCM", "Modifying Equipment")])
     ds.ContributingEquipmentSequence = Sequence([*(ds.get("ContributingEquipmentSequence") or []), equipment])
 

@@ -238,12 +238,15 @@ def make_output(
     *,
     weights_sha256: str | None = None,
     dicom_syntax: Any = None,
+    provenance: dict[str, str] | None = None,
 ) -> Image:
     """The output Image for ``pixels`` (already stored dtype/layout, ``scale`` x the input size):
     same format, bit depth and photometric as ``src``; for DICOM a derived dataset
     (:func:`medsr.io.dicom_derive.derive_dicom`: UIDs from the source, ``weights_sha256`` and the
     scale; encoded in ``dicom_syntax``, default JPEG 2000 lossless). Multi-frame DICOM goes through
-    :func:`medsr.io.dicom_derive.derive_frames` instead."""
+    :func:`medsr.io.dicom_derive.derive_frames` instead. ``provenance`` (:mod:`medsr.io.provenance`) is
+    written into the output by :func:`write_image` (PNG text chunk, TIFF tags, JPEG comment; DICOM: the
+    derived UIDs and ContributingEquipmentSequence)."""
     if pixels.dtype != src.dtype:
         raise ValueError(f"output pixels are {pixels.dtype}, expected the input's {src.dtype}")
     if src.frames != 1:
@@ -259,6 +262,9 @@ def make_output(
     meta["scale"] = scale
     meta["model_id"] = model_id
     meta.pop("alpha_dropped", None)
+    meta.pop("provenance", None)
+    if provenance is not None:
+        meta["provenance"] = dict(provenance)
     res = meta.get("tiff_resolution")
     if res is not None:
         meta["tiff_resolution"] = (float(res[0]) * scale, float(res[1]) * scale)
@@ -268,7 +274,8 @@ def make_output(
 
         pixels = finish_pixels(src.dataset, src.pixels, pixels, scale)  # BitsStored clip, pixel padding
         dataset = derive_dicom(
-            src.dataset, pixels, scale, model_id, weights_sha256=weights_sha256, syntax=dicom_syntax
+            src.dataset, pixels, scale, model_id, weights_sha256=weights_sha256, syntax=dicom_syntax,
+            provenance=provenance,
         )
         meta["dicom_syntax"] = dataset._medsr_syntax
         meta["dicom_pixels_digest"] = pixels_digest(pixels)

@@ -216,6 +216,14 @@ def write_raster(img: Image, tmp: Path) -> None:
         raise OSError(f"OpenCV could not write {img.format.upper()}") from e
     if not ok:
         raise OSError(f"OpenCV could not write {img.format.upper()}")
+    prov = img.meta.get("provenance")
+    if prov:  # what made this image, in the file itself (medsr.io.provenance)
+        from medsr.io.provenance import embed_jpeg, embed_png, format_provenance
+
+        if img.format == "png":
+            embed_png(tmp, format_provenance(prov), f"medsr {prov.get('version', '')}".strip())
+        else:
+            embed_jpeg(tmp, format_provenance(prov))
 
 
 def _utf8(path: Path) -> bool:
@@ -243,4 +251,10 @@ def _write_tiff(img: Image, arr: np.ndarray, tmp: Path) -> None:
             kwargs["resolutionunit"] = int(unit)
     # lossless always: uncompressed sources stay uncompressed, anything else becomes zlib/deflate
     compression = None if int(img.meta.get("tiff_compression", 1)) == 1 else "zlib"
+    prov = img.meta.get("provenance")
+    if prov:  # what made this image: ImageDescription + Software tags (medsr.io.provenance)
+        from medsr.io.provenance import format_provenance
+
+        kwargs.update(description=format_provenance(prov), software=f"medsr {prov.get('version', '')}".strip(),
+                      metadata=None)
     tifffile.imwrite(tmp, arr, photometric=photometric, compression=compression, **kwargs)
