@@ -139,9 +139,10 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
               help="Output folder; input folder structure is mirrored inside it.")
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False),
               help="Engine or model file: .plan (TensorRT), .onnx (ONNX Runtime), .pth/.safetensors (PyTorch).")
-@click.option("--model", help="Registered model name or weights path (default: medsr-cxr-x4, the shipped "
-              "chest X-ray fidelity model; realesrgan-x4plus is the general GAN model); with --triton, the name of "
-              "the model on the server.")
+@click.option("--model", help="Registered model name or weights path. Default: chosen per input (logged): "
+              "medsr-retina-x2 for colour images and ophthalmic photography DICOM (Modality OP), medsr-cxr-x4 (the "
+              "chest X-ray fidelity model) for gray images; realesrgan-x4plus is the general GAN model. With "
+              "--triton, the name of the model on the server.")
 @click.option("--triton", "triton_url", metavar="URL",
               help="Run on a Triton Inference Server (grpc://HOST:8001, http://HOST:8000): tiles go to the server "
                    "in batches; needs --model NAME. See docs/scale.md.")
@@ -208,6 +209,15 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if workers is not None and ray_address is None:
         raise click.UsageError("--workers applies to --ray")
+    auto = not (engine or model or triton_url)
+    choices = _choose_models(walk.jobs) if auto else {}
+    if auto and ray_address is not None:
+        wanted = sorted({c.model for c in choices.values()})
+        if len(wanted) > 1:
+            raise click.UsageError(
+                f"these inputs need different models ({', '.join(wanted)}; see docs/weights.md, model choice): "
+                "give --model, or run them separately")
+        model = wanted[0] if wanted else None
     if ray_address is not None:
         if triton_url:
             raise click.UsageError("give --ray (workers load the model) or --triton (a server runs it), not both")
@@ -224,27 +234,48 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         load = LoadSpec(engine or model, runtime, device, precision, config, dicom_syntax)
         _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
                  overwrite, limit, quiet, outdir)
-    try:
-        if triton_url:
-            from medsr.api import Upscaler
+    ups: dict[str, object] = {}  # model name -> Upscaler
+    load_errors: dict[str, str] = {}  # model name -> why it could not load (auto choice only)
+    for name in sorted({c.model for c in choices.values()}) if auto else [engine or model or ""]:
+        try:
+            if triton_url:
+                from medsr.api import Upscaler
 
-            up = Upscaler.from_triton(triton_url, model, precision=precision, config=config)  # type: ignore[arg-type]
-        else:
-            up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
-    except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
-        click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
-        sys.exit(2)
-    try:  # tile/overlap against the model's size multiple and the engine's profile
-        plan_tiles(config.tile, config.tile, config, up.backend.tile_limits())
-    except ValueError as e:
-        raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
+                ups[name] = Upscaler.from_triton(triton_url, model, precision=precision, config=config)  # type: ignore[arg-type]
+            else:
+                ups[name] = _load_upscaler(engine, name or None, runtime, precision, device, compile_, config=config)
+        except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
+            if not auto:
+                click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
+                sys.exit(2)
+            load_errors[name] = f"cannot load the model {name} chosen for it: {e}"
+            click.echo(f"medsr-infer: cannot load {name}: {e}", err=True)
+    for up in ups.values():
+        try:  # tile/overlap against the model's size multiple and the engine's profile
+            plan_tiles(config.tile, config.tile, config, up.backend.tile_limits())  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None  # type: ignore[attr-defined]
 
     summary, jobs = _start_run(walk, input_files)
+    if not auto and not quiet:
+        only = next(iter(ups.values()))
+        click.echo(f"medsr-infer: model {only.model_id} for every input (named with "  # type: ignore[attr-defined]
+                   f"{'--engine' if engine else '--triton --model' if triton_url else '--model'})", err=True)
     t0 = time.perf_counter()
     interrupted: str | None = None
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
     for job in files_bar:
+        if auto:
+            choice = choices[job.src]
+            tqdm.write(f"medsr-infer: model {choice.model} for {job.src} ({choice.reason})", file=sys.stderr)
+            if choice.model in load_errors:
+                summary.failed.append((job.src, f"{job.src}: {load_errors[choice.model]}"))
+                tqdm.write(f"FAILED {job.src}: {load_errors[choice.model]}", file=sys.stderr)
+                continue
+            up = ups[choice.model]
+        else:
+            up = ups[engine or model or ""]
         try:
             up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar),
                             dicom_syntax=dicom_syntax)
@@ -262,10 +293,17 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
             tqdm.write(f"FAILED {msg}", file=sys.stderr)
             continue
         summary.written += 1
-    summary.megapixels = up.lr_pixels / 1e6
+    summary.megapixels = sum(u.lr_pixels for u in ups.values()) / 1e6  # type: ignore[attr-defined]
     tiles_bar.close()
     files_bar.close()
     _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted)
+
+
+def _choose_models(jobs: list[Job]) -> dict[Path, object]:
+    """Input -> ModelChoice by the one rule (``medsr.runtime.choice.choose_model``), for runs without --model."""
+    from medsr.runtime.choice import choose_model
+
+    return {j.src: choose_model(j.src) for j in jobs}
 
 
 def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
