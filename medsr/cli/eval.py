@@ -19,8 +19,39 @@ from medsr.cli.options import (
     tiling_options,
 )
 from medsr.eval.baselines import BASELINES
-from medsr.eval.protocol import DEFAULT_SIGMA, ProtocolConfig, evaluate, iter_folder, list_images
+from medsr.eval.protocol import (
+    DEFAULT_SIGMA,
+    ProtocolConfig,
+    evaluate,
+    iter_folder,
+    list_images,
+    retina_config,
+)
 from medsr.weights.registry import DEFAULT_MODEL
+
+#: The retina protocol's comparator (the paper ran Real-ESRGAN x4plus at x2 output); "not available" when
+#: its weights are not on this machine (they cannot be downloaded here).
+RETINA_COMPARATOR = "realesrgan-x4plus"
+
+
+class AtOutscale:
+    """Run an x``model.scale`` upscaler and resize its output to x``scale`` with Lanczos-4, as Real-ESRGAN's
+    ``inference_realesrgan.py --outscale`` does (the paper's "Real-ESRGAN x4plus at x2")."""
+
+    def __init__(self, up: Any, scale: int) -> None:
+        from medsr.eval.protocol import as_sr_function
+
+        self.inner, self.scale = as_sr_function(up), scale
+        self.model_id = f"{getattr(up, 'model_id', '?')} at x{scale} output"
+
+    def up(self, lr: Any) -> Any:
+        import cv2
+        import numpy as np
+
+        out = np.asarray(self.inner(lr), dtype=np.float32)
+        h, w = lr.shape[0] * self.scale, lr.shape[1] * self.scale
+        r = cv2.resize(out, (w, h), interpolation=cv2.INTER_LANCZOS4)
+        return r.reshape(h, w, -1)
 
 
 def _load(spec: str, **kw: Any) -> tuple[str, Any]:
@@ -37,7 +68,12 @@ def _load(spec: str, **kw: Any) -> tuple[str, Any]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--scale", type=click.IntRange(1, 8), default=4, show_default=True, help="Downsampling / SR factor.")
+@click.option("--protocol", type=click.Choice(["paper", "retina"]), default="paper", show_default=True,
+              help="paper: the CXR protocol (native size, gray/Y metrics). retina: GT = image resized to 512x512 "
+                   "(antialiased Lanczos), x2, metrics on RGB, vessel PSNR and vessel figure, baselines bicubic + "
+                   f"Lanczos, plus {RETINA_COMPARATOR} at x2 output when its weights are available.")
+@click.option("--scale", type=click.IntRange(1, 8), default=None, help="Downsampling / SR factor [default: 4; retina: 2].")
+@click.option("--no-comparator", is_flag=True, help=f"retina: leave out the {RETINA_COMPARATOR} row.")
 @model_options(multiple=True, model_help=f"Registered model name or weights file (.pth/.safetensors/.param) "
                f"[default: {DEFAULT_MODEL}, unless --engine or --baselines-only is given].")
 @click.option("--baselines-only", is_flag=True, help="Evaluate the interpolation baselines only (no model).")
@@ -65,7 +101,8 @@ def _load(spec: str, **kw: Any) -> tuple[str, Any]:
               help="Volumes: slice-thickness factors to simulate (repeatable) [default: 2 and 4].")
 @click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True,
               help="Volumes: the voxel axis made thick.")
-def main(data_dir: Path, scale: int, models: tuple[str, ...], engines: tuple[str, ...], baselines_only: bool,
+def main(data_dir: Path, protocol: str, scale: int | None, no_comparator: bool, models: tuple[str, ...],
+         engines: tuple[str, ...], baselines_only: bool,
          sigma: float, kernel_size: int | None, down: str, size: int | None, limit: int | None,
          baselines: tuple[str, ...], crop_border: int | None, no_quantize: bool, no_lpips: bool, tile: int | None,
          overlap: int | None, batch: int | None, runtime: str, device: str, precision: str | None,
@@ -88,28 +125,47 @@ def main(data_dir: Path, scale: int, models: tuple[str, ...], engines: tuple[str
     paths = list_images(data_dir, limit)
     if not paths:
         raise click.UsageError(f"no images (png/jpg/tif/bmp/dcm) in {data_dir}")
-    config = ProtocolConfig(
-        scale=scale, sigma=sigma, kernel_size=kernel_size, down=down, size=size, crop_border=crop_border,
-        quantize=not no_quantize, baselines=tuple(baselines) or tuple(BASELINES), lpips=not no_lpips,
-    )
+    common = dict(sigma=sigma, kernel_size=kernel_size, down=down, crop_border=crop_border,
+                  quantize=not no_quantize, lpips=not no_lpips)
+    if protocol == "retina":
+        if scale not in (None, 2) or size not in (None, 512):
+            raise click.UsageError("--protocol retina is x2 on 512x512 ground truth: leave out --scale/--size")
+        config = retina_config(baselines=tuple(baselines) or ("bicubic", "lanczos"), **common)
+    else:
+        config = ProtocolConfig(scale=scale or 4, size=size, baselines=tuple(baselines) or tuple(BASELINES), **common)
+    scale = config.scale
     if baselines_only and (models or engines):
         raise click.UsageError("--baselines-only evaluates no model: drop --model/--engine")
-    specs = [] if baselines_only else list(models) + list(engines) or [DEFAULT_MODEL]
     kw = dict(runtime=runtime, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
     loaded: list[tuple[str, Any]] = []
-    for spec in specs:
+    unavailable: dict[str, str] = {}
+    default = "medsr-retina-x2" if protocol == "retina" else DEFAULT_MODEL
+    chosen = [] if baselines_only else list(models) + list(engines) or [default]
+    specs = [(m, False) for m in chosen]
+    if protocol == "retina" and not no_comparator and not baselines_only and RETINA_COMPARATOR not in models:
+        specs.append((RETINA_COMPARATOR, True))
+    for spec, optional in specs:
         try:
             label, up = _load(spec, **kw)
         except Exception as e:  # one clear line: missing weights, bad file, unavailable runtime
+            if optional:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                unavailable[f"{spec} (x4 at x2 output)"] = why[:160]
+                click.echo(f"medsr-eval: {spec}: not available ({why[:160]})", err=True)
+                continue
             click.echo(f"medsr-eval: cannot load {spec}: {e}", err=True)
             sys.exit(2)
-        if getattr(up, "scale", scale) != scale:
-            click.echo(f"medsr-eval: {spec} is a x{up.scale} model, the protocol is --scale {scale}", err=True)
+        up_scale = getattr(up, "scale", scale)
+        if up_scale != scale and protocol == "retina" and up_scale > scale and up_scale % scale == 0:
+            up = AtOutscale(up, scale)
+            label = f"{label} (x{up_scale} at x{scale} output)"
+        elif up_scale != scale:
+            click.echo(f"medsr-eval: {spec} is a x{up_scale} model, the protocol is --scale {scale}", err=True)
             sys.exit(2)
         loaded.append((label, up))
 
     out = output or Path("runs") / f"eval-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    result = evaluate(iter_folder(paths), loaded, config, progress=log.progress, total=len(paths))
+    result = evaluate(iter_folder(paths), loaded, config, progress=log.progress, total=len(paths), unavailable=unavailable)
 
     from medsr.eval.report import markdown_table, write_reports
 

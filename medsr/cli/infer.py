@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -72,8 +73,6 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
     while walking a folder (e.g. a manifest.csv) are listed as ignored and do not fail the run.
     """
-    from tqdm import tqdm
-
     outdir, quiet = output, not log.progress
     if engine and model:
         raise click.UsageError("give --engine or --model, not both")
@@ -115,51 +114,87 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
         raise click.UsageError("give --ray (workers load the model) or --triton (a server runs it), not both")
     if ray_address is not None and compile_:
         raise click.UsageError("--compile is not available with --ray")
-    try:  # before anything loads (on Ray: on the driver, not as dying actors): a wrong name fails here
-        job = _job_identity(engine or model, triton_url, runtime, device, precision, compile_)
-    except Exception as e:
-        click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
-        sys.exit(2)
-    # existing outputs: skipped when this job made them, refused otherwise; from file headers, no model loaded
-    existing = sort_existing(walk.jobs, job, overwrite=overwrite, inputs=input_files)
-    walk.jobs, walk.failed = existing.run, walk.failed + existing.refuse
-    if not walk.jobs:  # nothing left to upscale: no model to load
-        summary, _ = _start_run(walk, input_files, len(existing.skip))
-        _finish(summary, ignored, 0.0, outdir, None)
-    if ray_address is not None:
-        from medsr.scale.ray_batch import LoadSpec, RayOptions
-
-        load = LoadSpec(engine or model, runtime, device, precision, config, dicom_syntax)
-        _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
-                 overwrite, limit, quiet, outdir, verbose=log.verbose > 0, skipped=len(existing.skip))
-    try:
-        if triton_url:
-            from medsr.api import Upscaler
-
-            up = Upscaler.from_triton(triton_url, model, precision=precision, config=config)  # type: ignore[arg-type]
-        else:
-            up = _load_upscaler(engine, model, runtime, precision, device, compile_, config=config)
-    except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
-        click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
-        sys.exit(2)
-    try:  # tile/overlap against the model's size multiple and the engine's profile
-        plan_tiles(config.tile, config.tile, config, up.backend.tile_limits())
-    except ValueError as e:
-        raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
-
-    ran = up.describe()
-    click.echo(f"medsr-infer: running {ran}", err=True)
-    summary, jobs = _start_run(walk, input_files, len(existing.skip))
-    summary.written += vres[0]  # volumes of a mixed run
-    summary.skipped += vres[1]
+    # outputs over inputs refused, stale temps removed, SIGTERM handled: before anything else runs
+    summary, todo = _start_run(walk, input_files)
+    summary.written, summary.skipped = vres[0], vres[1]  # volumes of a mixed run
+    # which model runs on which input: the one named, else chosen per input (medsr.runtime.choice), logged
+    groups: dict[str | None, list[Job]] = {}
+    if engine or model or triton_url:
+        groups[engine or model] = todo
+    else:
+        for j, choice in _choose_models(todo):
+            click.echo(f"medsr-infer: model {choice.model} for {j.src} ({choice.reason})", err=True)
+            groups.setdefault(choice.model, []).append(j)
+        if ray_address is not None and len(groups) > 1:
+            raise click.UsageError(
+                f"these inputs need different models ({', '.join(sorted(str(g) for g in groups))}; see docs/weights.md, "
+                "model choice): give --model, or run them separately")
     t0 = time.perf_counter()
     interrupted: str | None = None
+    ran: list[str] = []
+    for spec, gjobs in groups.items() or {None: []}.items():
+        try:  # before anything loads (on Ray: on the driver, not as dying actors): a wrong name fails here
+            job = _job_identity(spec, triton_url, runtime, device, precision, compile_)
+        except Exception as e:
+            if len(groups) == 1:
+                click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
+                sys.exit(2)
+            summary.failed += [(j.src, f"{j.src}: cannot load the model {spec} chosen for it: {e}") for j in gjobs]
+            continue
+        # existing outputs: skipped when this job made them, refused otherwise; from file headers, no model loaded
+        existing = sort_existing(gjobs, job, overwrite=overwrite, inputs=input_files)
+        summary.skipped += len(existing.skip)
+        summary.failed += existing.refuse
+        gwalk = Walk(jobs=existing.run, ignored=ignored)
+        if not gwalk.jobs:  # nothing left to upscale: no model to load
+            continue
+        if ray_address is not None:
+            from medsr.scale.ray_batch import LoadSpec, RayOptions
+
+            load = LoadSpec(spec, runtime, device, precision, config, dicom_syntax)
+            gwalk.failed = summary.failed
+            _run_ray(gwalk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
+                     overwrite, limit, quiet, outdir, verbose=log.verbose > 0, skipped=summary.skipped)
+        try:
+            if triton_url:
+                from medsr.api import Upscaler
+
+                up = Upscaler.from_triton(triton_url, model, precision=precision, config=config)  # type: ignore[arg-type]
+            else:
+                up = _load_upscaler(engine, None if engine else spec, runtime, precision, device, compile_,
+                                    config=config)
+        except Exception as e:  # one clear line, no traceback: missing weights, bad engine, no GPU
+            if len(groups) == 1:
+                click.echo(f"medsr-infer: cannot load the model: {e}", err=True)
+                sys.exit(2)
+            summary.failed += [(j.src, f"{j.src}: cannot load the model {spec} chosen for it: {e}") for j in gwalk.jobs]
+            continue
+        try:  # tile/overlap against the model's size multiple and the engine's profile
+            plan_tiles(config.tile, config.tile, config, up.backend.tile_limits())
+        except ValueError as e:
+            raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
+        ran.append(up.describe())
+        click.echo(f"medsr-infer: running {ran[-1]}", err=True)
+        interrupted = _run_local(up, gwalk.jobs, summary, overwrite, limit, dicom_syntax, quiet)
+        summary.megapixels += up.lr_pixels / 1e6
+        if interrupted:
+            break
+    _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted, "; ".join(ran))
+
+
+def _run_local(up: object, jobs: list[Job], summary: Summary, overwrite: bool, limit: int, dicom_syntax: str | None,
+               quiet: bool) -> str | None:
+    """Upscale ``jobs`` with ``up`` in this process, counting into ``summary``; the interruption message if the
+    run was interrupted (SIGINT/SIGTERM), else None."""
+    from tqdm import tqdm
+
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
+    interrupted: str | None = None
     for job in files_bar:
         try:
-            up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar),
-                            dicom_syntax=dicom_syntax)
+            up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit,  # type: ignore[attr-defined]
+                            progress=_bar_progress(tiles_bar), dicom_syntax=dicom_syntax)
         except FileExistsError:
             summary.skipped += 1
             continue
@@ -173,10 +208,16 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
             summary.failed.append((job.src, msg))  # reported once, with the summary
             continue
         summary.written += 1
-    summary.megapixels = up.lr_pixels / 1e6
     tiles_bar.close()
     files_bar.close()
-    _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted, ran)
+    return interrupted
+
+
+def _choose_models(jobs: list[Job]) -> list[tuple[Job, Any]]:
+    """(job, ModelChoice) by the one rule (``medsr.runtime.choice.choose_model``), for runs without --model."""
+    from medsr.runtime.choice import choose_model
+
+    return [(j, choose_model(j.src)) for j in jobs]
 
 
 def _volume_jobs(inputs: list[Path], outdir: Path):  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medsr.eval.baselines import BASELINES, SRFunction, cv2_resize, imresize, make_baseline
+from medsr.eval.baselines import BASELINES, SRFunction, cv2_resize, imresize, lanczos_resize, make_baseline
 from medsr.eval.metrics import psnr, ssim
 from medsr.io.image import SUPPORTED_SUFFIXES
 
@@ -51,6 +51,19 @@ class ProtocolConfig:
     quantize: bool = True
     baselines: tuple[str, ...] = tuple(BASELINES)
     lpips: bool = True
+    #: GT resize filter with ``size``: "auto" (INTER_AREA down, INTER_CUBIC up) | "lanczos" (antialiased Lanczos-3)
+    resample: str = "auto"
+    #: metrics of RGB images on "y" (BT.601 luma, BasicSR's habit) or "rgb" (all three channels)
+    color: str = "y"
+    #: also PSNR inside a vessel mask of the truth (``medsr.eval.vessels``): the retina protocol
+    vessels: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.resample not in ("auto", "lanczos"):
+            raise ValueError(f"resample must be 'auto' or 'lanczos', got {self.resample!r}")
+        if self.color not in ("y", "rgb"):
+            raise ValueError(f"color must be 'y' or 'rgb', got {self.color!r}")
 
     @property
     def border(self) -> int:
@@ -60,11 +73,30 @@ class ProtocolConfig:
         k = self.kernel_size or gaussian_kernel_size(self.sigma)
         blur = f"Gaussian blur sigma={self.sigma:g} (kernel {k})" if self.sigma > 0 else "no blur"
         down = "MATLAB-style antialiased bicubic" if self.down == "matlab" else "cv2 INTER_CUBIC"
-        size = f"GT resized to {self.size}x{self.size}, " if self.size else ""
+        filt = " (antialiased Lanczos-3)" if self.resample == "lanczos" else ""
+        size = f"GT resized to {self.size}x{self.size}{filt}, " if self.size else ""
+        color = "gray/Y" if self.color == "y" else "gray/RGB (all three channels)"
+        name = f"{self.name} protocol: " if self.name else ""
+        vessels = "; vessel PSNR inside a black-hat vessel mask of the truth's green channel" if self.vessels else ""
         return (
-            f"{size}x{self.scale}: {down} downsampling, then {blur}; metrics on gray/Y, "
-            f"border crop {self.border}px{', LR/SR quantised to source bit depth' if self.quantize else ''}"
+            f"{name}{size}x{self.scale}: {down} downsampling, then {blur}; metrics on {color}, "
+            f"border crop {self.border}px{', LR/SR quantised to source bit depth' if self.quantize else ''}{vessels}"
         )
+
+
+#: The retina protocol of the source paper (DRIVE): GT = the whole image resized to 512 x 512 with
+#: Lanczos, LR = bicubic x2 down then Gaussian blur, SR x2; PSNR/SSIM here on RGB, plus vessel PSNR.
+RETINA_SIZE = 512
+
+
+def retina_config(sigma: float = DEFAULT_SIGMA, **kw: Any) -> ProtocolConfig:
+    """The retina protocol (x2, 512 x 512 Lanczos GT, RGB metrics, vessel PSNR) at blur ``sigma``."""
+    opts: dict[str, Any] = dict(
+        scale=2, sigma=sigma, size=RETINA_SIZE, resample="lanczos", color="rgb", vessels=True, name="retina",
+        baselines=("bicubic", "lanczos"),
+    )
+    opts.update(kw)
+    return ProtocolConfig(**opts)
 
 
 @dataclass
@@ -83,6 +115,7 @@ class Sample:
     lr: np.ndarray
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     scores: dict[str, tuple[float, float]] = field(default_factory=dict)
+    mask: np.ndarray | None = None  # vessel mask of the truth (retina protocol)
 
 
 @dataclass
@@ -92,6 +125,8 @@ class EvalResult:
     methods: list[str]
     sample: Sample | None = None
     lpips_available: bool = False
+    #: methods that could not run (name -> why), reported as "not available" rows
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 # --- degradation ----------------------------------------------------------------------------------
@@ -110,13 +145,22 @@ def as_hwc(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def prepare_gt(img: np.ndarray, scale: int, size: int | None = None) -> np.ndarray:
-    """Float ground truth H x W x C: optionally resized to ``size``^2, cropped to a multiple of ``scale``."""
+def prepare_gt(img: np.ndarray, scale: int, size: int | None = None, resample: str = "auto") -> np.ndarray:
+    """Float ground truth H x W x C: optionally resized to ``size``^2, cropped to a multiple of ``scale``.
+
+    ``resample``: "auto" (INTER_AREA when shrinking, INTER_CUBIC when enlarging) or "lanczos"
+    (antialiased Lanczos-3, :func:`medsr.eval.baselines.lanczos_resize`).
+    """
     img = as_hwc(img)
     if size:
         h, w = img.shape[:2]
-        interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
-        img = np.clip(cv2_resize(img, (size, size), interp), 0.0, 1.0)
+        if resample == "lanczos":
+            img = np.clip(as_hwc(lanczos_resize(img, (size, size))), 0.0, 1.0)
+        elif resample == "auto":
+            interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
+            img = np.clip(cv2_resize(img, (size, size), interp), 0.0, 1.0)
+        else:
+            raise ValueError(f"unknown resample {resample!r} (auto or lanczos)")
     h, w = img.shape[:2]
     h2, w2 = h - h % scale, w - w % scale
     if h2 == 0 or w2 == 0:
@@ -278,14 +322,19 @@ def evaluate_image(
     on_method: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], Sample | None]:
     """Run every method on one ground-truth image; one record per method."""
-    gt = prepare_gt(gt, config.scale, config.size)
+    gt = prepare_gt(gt, config.scale, config.size, config.resample)
     lv = levels if config.quantize else None
     if lv:
         gt = quantize(gt, lv)
     lr = degrade(gt, config.scale, config.sigma, config.kernel_size, config.down, lv)
-    y = gt.shape[2] == 3
+    y = gt.shape[2] == 3 and config.color == "y"
+    vmask = None
+    if config.vessels:
+        from medsr.eval.vessels import vessel_mask
+
+        vmask = vessel_mask(gt)
     b = config.border
-    sample = Sample(name, gt, lr) if keep else None
+    sample = Sample(name, gt, lr, mask=vmask) if keep else None
     records = []
     for m in methods:
         if on_method:
@@ -296,10 +345,13 @@ def evaluate_image(
         sr = quantize(sr, lv)
         p, s = psnr(sr, gt, crop=b, y_channel=y), ssim(sr, gt, crop=b, y_channel=y)
         lp = lpips_distance(lpips_net, sr, gt, b) if lpips_net is not None else float("nan")
-        records.append(
-            {"image": name, "method": m.name, "kind": m.kind, "height": gt.shape[0], "width": gt.shape[1],
-             "channels": gt.shape[2], "psnr": p, "ssim": s, "lpips": lp, "seconds": dt}
-        )
+        rec = {"image": name, "method": m.name, "kind": m.kind, "height": gt.shape[0], "width": gt.shape[1],
+               "channels": gt.shape[2], "psnr": p, "ssim": s, "lpips": lp, "seconds": dt}
+        if vmask is not None:
+            from medsr.eval.vessels import masked_psnr
+
+            rec["vessel_psnr"] = masked_psnr(sr, gt, vmask, crop=b)
+        records.append(rec)
         if sample is not None:
             sample.outputs[m.name] = sr
             sample.scores[m.name] = (p, s)
@@ -312,10 +364,12 @@ def evaluate(
     config: ProtocolConfig | None = None,
     progress: bool = False,
     total: int | None = None,
+    unavailable: dict[str, str] | None = None,
 ) -> EvalResult:
     """Evaluate models and baselines on ``(name, gt_float_HWC, levels)`` images (levels: 255, 65535, None).
 
-    The first image's arrays are kept (``result.sample``) for the comparison figure.
+    The first image's arrays are kept (``result.sample``) for the comparison figure. ``unavailable``:
+    methods that could not be loaded (name -> reason), carried to the report as "not available" rows.
     """
     config = config or ProtocolConfig()
     methods = build_methods(models, config)
@@ -340,7 +394,7 @@ def evaluate(
             bar.write(f"{name}: {line}")
     if bar is not None:
         bar.close()
-    return EvalResult(records, config, [m.name for m in methods], sample, net is not None)
+    return EvalResult(records, config, [m.name for m in methods], sample, net is not None, dict(unavailable or {}))
 
 
 # --- reading a folder ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from medsr.eval.protocol import EvalResult, Sample
 
 CSV_FIELDS = ("image", "method", "kind", "height", "width", "channels", "psnr", "ssim", "lpips", "seconds",
-              "d_psnr_vs_bicubic", "d_ssim_vs_bicubic")
+              "d_psnr_vs_bicubic", "d_ssim_vs_bicubic", "vessel_psnr", "d_vessel_psnr_vs_bicubic")
 REFERENCE = "bicubic"
 
 
@@ -26,6 +26,9 @@ def _paired_deltas(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         b = ref.get(r["image"])
         r["d_psnr_vs_bicubic"] = _delta(r["psnr"], b["psnr"]) if b else float("nan")
         r["d_ssim_vs_bicubic"] = _delta(r["ssim"], b["ssim"]) if b else float("nan")
+        if "vessel_psnr" in r:
+            bv = b.get("vessel_psnr", float("nan")) if b else float("nan")
+            r["d_vessel_psnr_vs_bicubic"] = _delta(r["vessel_psnr"], bv)
         out.append(r)
     return out
 
@@ -41,10 +44,15 @@ def write_csv(result: EvalResult | Sequence[dict[str, Any]], path: str | Path) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        vessels = any("vessel_psnr" in r for r in records)
+        fields = CSV_FIELDS if vessels else CSV_FIELDS[:-2]
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in _paired_deltas(records):
             w.writerow({k: (_csv_num(v) if isinstance(v, float) else v) for k, v in r.items()})
+        if isinstance(result, EvalResult):
+            for name, why in result.unavailable.items():
+                w.writerow({"image": "-", "method": name, "kind": f"not available: {why}"})
     return path
 
 
@@ -82,6 +90,10 @@ def summarize(result: EvalResult | Sequence[dict[str, Any]], methods: Sequence[s
         row: dict[str, Any] = {"method": m, "kind": rs[0]["kind"], "n": len(rs)}
         for key in ("psnr", "ssim", "lpips", "seconds", "d_psnr_vs_bicubic", "d_ssim_vs_bicubic"):
             row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
+        if "vessel_psnr" in rs[0]:
+            for key in ("vessel_psnr", "d_vessel_psnr_vs_bicubic"):
+                row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
+            row["n_better"] = sum(1 for r in rs if r["d_psnr_vs_bicubic"] > 0)
         rows.append(row)
     return rows
 
@@ -107,17 +119,31 @@ def _fmt_delta(v: float, digits: int) -> str:
 def markdown_table(result: EvalResult | Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
     """Markdown table: method | n | PSNR | SSIM | LPIPS | ΔPSNR vs bicubic | ΔSSIM vs bicubic | s/img."""
     rows = summarize(result, methods)
-    lines = [
-        "| method | n | PSNR (dB) | SSIM | LPIPS | ΔPSNR vs bicubic | ΔSSIM vs bicubic | s/img |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    vessels = any("vessel_psnr" in r for r in rows)
+    head = "| method | n | PSNR (dB) | SSIM | LPIPS | ΔPSNR vs bicubic | ΔSSIM vs bicubic | s/img |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if vessels:
+        head += " vessel PSNR (dB) | Δvessel PSNR vs bicubic | images > bicubic |"
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
     for r in rows:
         name = f"**{r['method']}**" if r["method"] == REFERENCE else r["method"]
-        lines.append(
+        line = (
             f"| {name} | {r['n']} | {_fmt(r['psnr'], r['psnr_std'], 2)} | {_fmt(r['ssim'], r['ssim_std'], 4)} "
             f"| {_fmt(r['lpips'], r['lpips_std'], 4)} | {_fmt_delta(r['d_psnr_vs_bicubic'], 2)} "
             f"| {_fmt_delta(r['d_ssim_vs_bicubic'], 4)} | {_fmt(r['seconds'], float('nan'), 2)} |"
         )
+        if vessels:
+            line += (
+                f" {_fmt(r.get('vessel_psnr', float('nan')), r.get('vessel_psnr_std', float('nan')), 2)} "
+                f"| {_fmt_delta(r.get('d_vessel_psnr_vs_bicubic', float('nan')), 2)} "
+                f"| {r.get('n_better', 0)}/{r['n']} |"
+            )
+        lines.append(line)
+    if isinstance(result, EvalResult):
+        ncol = rule.count("|") - 1
+        for name, why in result.unavailable.items():
+            lines.append(f"| {name} | 0 | not available: {why} |" + " |" * (ncol - 2))
     return "\n".join(lines) + "\n"
 
 
@@ -230,4 +256,74 @@ def write_reports(result: EvalResult, out_dir: str | Path, extra: Sequence[str] 
     paths["summary"] = md
     if result.sample is not None:
         paths["figure"] = save_figure(result.sample, out / "figure.png", result.config.scale)
+        if result.sample.mask is not None:
+            paths["vessel_figure"] = save_vessel_figure(result.sample, out / "vessels.png", result.config.scale)
     return paths
+
+
+def pick_vessel_crops(mask: np.ndarray, size: int, n: int = 2, scale: int = 1) -> list[tuple[int, int]]:
+    """Top-left corners of ``n`` non-overlapping ``size``^2 windows with the most vessel-mask pixels."""
+    import cv2
+
+    m = mask.astype(np.float32)
+    h, w = m.shape
+    size = min(size, h, w)
+    dens = cv2.boxFilter(m, -1, (size, size), anchor=(0, 0), normalize=True, borderType=cv2.BORDER_CONSTANT)
+    dens = dens[: h - size + 1, : w - size + 1].copy()
+    out: list[tuple[int, int]] = []
+    for _ in range(n):
+        if dens.size == 0 or not np.isfinite(dens).any() or dens.max() < 0:
+            break
+        y, x = (int(v) for v in np.unravel_index(int(np.argmax(dens)), dens.shape))
+        y, x = y - y % max(1, scale), x - x % max(1, scale)
+        out.append((y, x))
+        dens[max(0, y - size + 1): y + size, max(0, x - size + 1): x + size] = -1.0  # no overlap
+    return out
+
+
+def save_vessel_figure(
+    sample: Sample, path: str | Path, scale: int, methods: Sequence[str] | None = None, crop: int = 64,
+    n_crops: int = 2, magnify: int = 4, dpi: int = 100,
+) -> Path:
+    """PNG of magnified vessel crops (rows: the ``n_crops`` windows densest in the truth's vessel mask;
+    columns: LR | each method | truth | mask), each panel titled with the method's vessel PSNR in the crop."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from medsr.eval.vessels import masked_psnr
+
+    if sample.mask is None:
+        raise ValueError("the sample carries no vessel mask (retina protocol only)")
+    gt, mask = sample.gt, sample.mask
+    crop = min(crop - crop % scale, *gt.shape[:2])
+    corners = pick_vessel_crops(mask, crop, n_crops, scale)
+    if methods is None:
+        methods = [m for m in ("bicubic", "lanczos") if m in sample.outputs] + [
+            m for m in sample.outputs if m not in ("nearest", "bilinear", "bicubic", "lanczos")
+        ]
+    ncol = len(methods) + 3
+    fig = Figure(figsize=(2.2 * ncol, 2.5 * len(corners) + 0.4), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(corners), ncol, squeeze=False)
+    for row, (y, x) in enumerate(corners):
+        sl = (slice(y, y + crop), slice(x, x + crop))
+        lr = sample.lr[y // scale:(y + crop) // scale, x // scale:(x + crop) // scale]
+        panels = [(f"LR x{scale} (nearest)", np.repeat(np.repeat(lr, scale, 0), scale, 1))]
+        for m in methods:
+            v = masked_psnr(sample.outputs[m][sl], gt[sl], mask[sl])
+            panels.append((f"{m}\nvessel {v:.2f} dB", sample.outputs[m][sl]))
+        panels.append(("truth", gt[sl]))
+        panels.append(("vessel mask", np.repeat(mask[sl][..., None].astype(np.float32), 3, axis=2)))
+        for ax, (title, img) in zip(axes[row], panels, strict=True):
+            img = np.clip(img, 0, 1)
+            img = np.repeat(np.repeat(img, magnify, 0), magnify, 1)
+            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.set_axis_off()
+        axes[row][0].text(0, -0.02, f"(y={y}, x={x})", transform=axes[row][0].transAxes, fontsize=6, va="top")
+    fig.suptitle(f"{sample.image}: vessel crops {crop}x{crop}, magnified x{magnify}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

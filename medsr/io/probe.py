@@ -133,3 +133,79 @@ def _meta_length(path: Path) -> int:
         raise ImageReadError(f"{path}: DICOM file meta has no group length")
     (length,) = struct.unpack("<I", head[8:12])
     return 12 + length
+
+
+def header_kind(path: str | Path) -> dict[str, object]:
+    """What an input is, from its header only (no pixel decoded): ``format``, ``channels`` (samples per
+    pixel: 1 gray, 3 colour; 0 when unknown) and, for DICOM, ``modality`` and ``sop_class_uid``.
+
+    For model choice (``medsr.runtime.choice``). Never raises for unreadable files: what cannot be read
+    stays unknown, and the reader reports the problem when the file is upscaled.
+    """
+    from medsr.io.image import sniff_format
+
+    p = Path(path)
+    out: dict[str, object] = {"format": None, "channels": 0, "modality": "", "sop_class_uid": ""}
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return out
+    fmt = sniff_format(head)
+    if fmt is None and p.suffix.lower() in ("", ".dcm", ".dicom"):
+        fmt = "dicom"
+    out["format"] = fmt
+    try:
+        if fmt == "png" and len(head) >= 26 and head[12:16] == b"IHDR":
+            # colour type: 0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA
+            out["channels"] = 1 if head[25] in (0, 4) else 3
+        elif fmt == "jpeg":
+            out["channels"] = _jpeg_components(p)
+        elif fmt == "tiff":
+            import tifffile
+
+            with tifffile.TiffFile(p) as tf:
+                page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
+                spp = int(page.samplesperpixel)
+                out["channels"] = 1 if spp in (1, 2) else 3
+        elif fmt == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+            out["channels"] = int(ds.get("SamplesPerPixel", 1) or 1)
+            out["modality"] = str(ds.get("Modality", "") or "").strip().upper()
+            sop = ds.get("SOPClassUID", None)
+            if sop is None and getattr(ds, "file_meta", None) is not None:
+                sop = ds.file_meta.get("MediaStorageSOPClassUID", None)
+            out["sop_class_uid"] = str(sop or "").strip()
+    except Exception:  # header unreadable: leave it unknown, the reader will say why
+        pass
+    return out
+
+
+def _jpeg_components(path: Path) -> int:
+    """Number of colour components in a JPEG's frame header (1 gray, 3 colour)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return 0
+        while True:
+            b = f.read(1)
+            while b and b != b"\xff":
+                b = f.read(1)
+            while b == b"\xff":
+                b = f.read(1)
+            if not b:
+                return 0
+            marker = b[0]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                continue
+            seg = f.read(2)
+            if len(seg) < 2:
+                return 0
+            n = struct.unpack(">H", seg)[0]
+            if marker in _SOF:
+                data = f.read(6)
+                return int(data[5]) if len(data) == 6 else 0
+            if n < 2:
+                return 0
+            f.seek(n - 2, 1)

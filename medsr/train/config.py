@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "val_dir": "",  # HR validation images (LR made by bicubic downscale) or a folder with hr/ and lr/
         "meta_info": "",  # optional index file (one GT path per line, relative to train_dir)
         "multiscale": False,  # generate the 4 Lanczos downscales (T0..T3) once before training
+        "multiscale_sizes": [],  # with multiscale: also Lanczos resizes to exactly N x N (e.g. [512]: a protocol's GT)
+        "min_foreground": 0.0,  # redraw crops with less than this share of non-black pixels (fundus surround)
         "gt_size": 256,
         "crop_pad_size": 400,  # Real-ESRGAN crops/pads GT to 400 before degrading, then crops gt_size
         "use_hflip": True,
@@ -52,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "val_max_size": 512,  # validation: centre crop of at most this size (HR pixels)
         "val_split": 0,  # hold out this many training originals (seeded) for validation when no val_dir
         "val_degradation": "bicubic",  # LR of HR-only validation images: "bicubic" | "protocol" (eval protocol)
+        "val_resize": 0,  # > 0: resize validation HR to N x N (Lanczos) before the centre crop (retina protocol)
     },
     "classical": {  # data.mode = "classical" (medsr/train/classical.py); sigma/noise in LR pixels / 8-bit levels
         "down": ["bicubic", "area", "bilinear"],  # bicubic = antialiased MATLAB imresize
@@ -231,6 +234,10 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("data.mode must be 'realesrgan', 'classical' or 'paired'")
     if d["val_degradation"] not in ("bicubic", "protocol"):
         raise ConfigError("data.val_degradation must be 'bicubic' or 'protocol'")
+    if not 0.0 <= float(d["min_foreground"]) <= 1.0:
+        raise ConfigError("data.min_foreground must be a fraction in [0, 1]")
+    if any(int(n) < 1 for n in d["multiscale_sizes"]):
+        raise ConfigError("data.multiscale_sizes must list positive sizes")
     if t["lr_schedule"] not in ("constant", "cosine"):
         raise ConfigError("train.lr_schedule must be 'constant' or 'cosine'")
     from medsr.train.classical import validate_opts

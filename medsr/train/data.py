@@ -22,6 +22,18 @@ from medsr.train.classical import classical_degrade, margin
 
 MULTISCALE_SCALES = (0.75, 0.5, 1 / 3)
 MULTISCALE_SHORTEST_EDGE = 400
+#: A pixel is foreground when the mean of its channels exceeds this (fraction of full scale): 10/255
+#: clears the near-black surround of a fundus photograph (JPEG noise there stays below ~6/255).
+FOREGROUND_LEVEL = 10.0 / 255.0
+FOREGROUND_TRIES = 10
+
+
+def foreground_fraction(img: np.ndarray) -> float:
+    """Share of pixels whose channel mean exceeds ``FOREGROUND_LEVEL`` (uint8, uint16 or float in [0, 1])."""
+    x = np.asarray(img)
+    maxv = 255.0 if x.dtype == np.uint8 else 65535.0 if x.dtype == np.uint16 else 1.0
+    m = x.reshape(x.shape[0], x.shape[1], -1).mean(axis=2, dtype=np.float32) / maxv
+    return float((m > FOREGROUND_LEVEL).mean())
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -85,7 +97,9 @@ def read_gt(path: str | Path, channels: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def generate_multiscale(src: Sequence[Path], dst_dir: str | Path, overwrite: bool = False) -> list[Path]:
+def generate_multiscale(
+    src: Sequence[Path], dst_dir: str | Path, overwrite: bool = False, extra_sizes: Sequence[int] = ()
+) -> list[Path]:
     """Real-ESRGAN's multi-scale GT (``scripts/generate_multiscale_DF2K.py``).
 
     For every image writes Lanczos downscales by 0.75, 0.5 and 1/3 (``<stem>T0..T2.png``) and one whose
@@ -93,6 +107,11 @@ def generate_multiscale(src: Sequence[Path], dst_dir: str | Path, overwrite: boo
     smaller images, which adds no real detail to a GT); with the originals the GT set is 5x larger. Bit depth
     and channel count are kept (16-bit PNG for 16-bit input). OpenCV's Lanczos-4 stands in for PIL's
     Lanczos. Returns the originals followed by the generated files.
+
+    ``extra_sizes`` (``data.multiscale_sizes``): for every N, one more Lanczos resize to exactly N x N
+    (``<stem>S<N>.png``, antialiased Lanczos-3 as ``medsr.eval.baselines.lanczos_resize``; the aspect ratio is not kept, as an evaluation protocol that resizes the whole
+    image to N x N does, e.g. the retina protocol's 512 x 512), written only when it is a downscale of
+    both edges.
     """
     out_dir = Path(dst_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,10 +129,21 @@ def generate_multiscale(src: Sequence[Path], dst_dir: str | Path, overwrite: boo
                 sizes.append((MULTISCALE_SHORTEST_EDGE, int(MULTISCALE_SHORTEST_EDGE * h / w)))
             else:
                 sizes.append((int(MULTISCALE_SHORTEST_EDGE * w / h), MULTISCALE_SHORTEST_EDGE))
-        for idx, (nw, nh) in enumerate(sizes):
-            q = out_dir / f"{i:05d}_{Path(p).stem}T{idx}.png"
+        names = [f"T{idx}" for idx in range(len(sizes))]
+        for n in extra_sizes:
+            if int(n) < min(h, w):
+                sizes.append((int(n), int(n)))
+                names.append(f"S{int(n)}")
+        for tag, (nw, nh) in zip(names, sizes, strict=True):
+            q = out_dir / f"{i:05d}_{Path(p).stem}{tag}.png"
             if overwrite or not q.exists():
-                r = cv2.resize(px, (max(1, nw), max(1, nh)), interpolation=cv2.INTER_LANCZOS4)
+                if tag.startswith("S"):  # the protocol's resampler (antialiased Lanczos-3), same rounding
+                    from medsr.eval.baselines import lanczos_resize
+
+                    r = lanczos_resize(px.astype(np.float64), (nh, nw))
+                    r = np.clip(np.round(r), 0, maxv).astype(px.dtype)
+                else:
+                    r = cv2.resize(px, (max(1, nw), max(1, nh)), interpolation=cv2.INTER_LANCZOS4)
                 if r.ndim == 3:
                     r = r[:, :, 2::-1]
                 cv2.imwrite(str(q), np.ascontiguousarray(r))
@@ -211,9 +241,34 @@ class ClassicalDataset(Dataset):
         img = self._cache.get(idx)
         if img is None:
             x = read_gt(self.paths[idx], self.channels)
-            img = np.round(x * 65535.0).astype(np.uint16)
+            # 8-bit sources are cached as uint8 (exact, half the memory of uint16: 34 RGB fundus
+            # photographs of 3410 x 2848 and their downscales hold ~1.7 GB instead of ~3.4 GB)
+            q = np.round(x * 255.0)
+            if np.abs(q - x * 255.0).max() < 1e-3:
+                img = q.astype(np.uint8)
+            else:
+                img = np.round(x * 65535.0).astype(np.uint16)
             self._cache[idx] = img
         return img
+
+    def _crop_origin(self, img: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left of a random ``size``^2 crop; with ``data.min_foreground`` > 0, crops whose share of
+        foreground pixels (mean over channels above ``FOREGROUND_LEVEL``) is below it are redrawn, up to
+        ``FOREGROUND_TRIES`` times (then the best draw is kept), so that a fundus photograph's black
+        surround does not fill batches with flat black pairs."""
+        h, w = img.shape[:2]
+        need = float(self.d.get("min_foreground", 0.0) or 0.0)
+        best, best_f = (0, 0), -1.0
+        for _ in range(FOREGROUND_TRIES if need > 0 else 1):
+            top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+            if need <= 0:
+                return top, left
+            f = foreground_fraction(img[top : top + size, left : left + size])
+            if f >= need:
+                return top, left
+            if f > best_f:
+                best, best_f = (top, left), f
+        return best
 
     def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
         idx, it, slot = key
@@ -226,8 +281,9 @@ class ClassicalDataset(Dataset):
         if h < size or w < size:
             img = _pad_to(img, size)
             h, w = img.shape[:2]
-        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        crop = img[top : top + size, left : left + size].astype(np.float32) / 65535.0
+        top, left = self._crop_origin(img, size, rng)
+        maxv = 255.0 if img.dtype == np.uint8 else 65535.0
+        crop = img[top : top + size, left : left + size].astype(np.float32) / maxv
         (crop,) = _augment([crop], rng, self.d["use_hflip"], self.d["use_rot"])
         lq = classical_degrade(crop, s, self.opts, rng)[m:-m, m:-m]
         gt = crop[m * s : m * s + gs, m * s : m * s + gs]
@@ -293,14 +349,17 @@ class IterationBatchSampler(Sampler[list[SampleKey]]):
 
 
 def load_validation(
-    val: str | Path | Sequence[Path], scale: int, channels: int, max_images: int, max_size: int, degradation: str = "bicubic"
+    val: str | Path | Sequence[Path], scale: int, channels: int, max_images: int, max_size: int, degradation: str = "bicubic",
+    resize: int = 0,
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, LR, HR) float arrays for validation.
 
     ``val`` is a folder of HR images, a folder with ``hr/`` + ``lr/``, or a list of HR paths (a held-out
     split). LR of HR-only images: a centre crop of at most ``max_size`` px degraded by ``degradation``:
     ``"bicubic"`` (OpenCV bicubic) or ``"protocol"`` (the evaluation protocol: MATLAB bicubic, Gaussian
-    blur sigma 1.0, 8-bit; ``medsr.eval.protocol.degrade``).
+    blur sigma 1.0, 8-bit; ``medsr.eval.protocol.degrade``). ``resize`` > 0 (``data.val_resize``) first
+    resizes each HR image to ``resize`` x ``resize`` with Lanczos and 8-bit rounding, as the retina
+    protocol makes its ground truth (``medsr.eval.protocol.prepare_gt``).
     """
     if degradation not in ("bicubic", "protocol"):
         raise ValueError(f"data.val_degradation must be 'bicubic' or 'protocol', got {degradation!r}")
@@ -318,6 +377,10 @@ def load_validation(
         paths = [Path(p) for p in val]
     for p in paths[:max_images]:
         hr = read_gt(p, channels)
+        if resize > 0:
+            from medsr.eval.protocol import prepare_gt, quantize
+
+            hr = quantize(prepare_gt(hr, scale, resize, resample="lanczos"), 255)
         h, w = hr.shape[:2]
         ch, cw = min(h, max_size), min(w, max_size)
         ch, cw = ch - ch % scale, cw - cw % scale

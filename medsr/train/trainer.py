@@ -167,7 +167,8 @@ class Trainer:
         dcfg = cfg["data"]
         val_src: Any = dcfg["val_dir"] or self.holdout
         self.val = (
-            D.load_validation(val_src, self.scale, self.channels, dcfg["val_max_images"], dcfg["val_max_size"], dcfg["val_degradation"])
+            D.load_validation(val_src, self.scale, self.channels, dcfg["val_max_images"], dcfg["val_max_size"], dcfg["val_degradation"],
+                              int(dcfg["val_resize"]))
             if val_src
             else []
         )
@@ -245,7 +246,9 @@ class Trainer:
                 self.log(f"data: {len(self.holdout)} originals held out for validation (val_holdout.txt)")
             if dcfg["multiscale"]:
                 n = len(paths)
-                paths = D.generate_multiscale(paths, self.out_dir / "gt_multiscale")
+                paths = D.generate_multiscale(
+                    paths, self.out_dir / "gt_multiscale", extra_sizes=[int(n) for n in dcfg["multiscale_sizes"]]
+                )
                 self.log(f"data: multi-scale GT {n} originals + {len(paths) - n} Lanczos downscales")
             D.write_meta_info(paths, self.out_dir / "meta_info.txt", root)
         if dcfg["mode"] == "classical":

@@ -9,9 +9,11 @@ from medsr.weights.download import download, sha256_file
 from medsr.weights.errors import MissingWeightsError, WeightsError
 from medsr.weights.load import LoadedModel, check_spec, load_model, save_weights
 from medsr.weights.ncnn import import_ncnn
-from medsr.weights.registry import DEFAULT_MODEL, MODELS, ModelEntry, cache_dir
+from medsr.weights.registry import DEFAULT_MODEL, MODELS, RETINA_MODEL, ModelEntry, cache_dir, is_shipped
 
 __all__ = [
+    "RETINA_MODEL",
+    "is_shipped",
     "DEFAULT_MODEL",
     "MODELS",
     "LoadedModel",

@@ -81,6 +81,12 @@ def _loaded(model: RRDBNet, model_id: str, digest: str, source: str) -> LoadedMo
 
 def _load_registered(entry: ModelEntry) -> LoadedModel:
     path = cached_path(entry)
+    if entry.packaged and entry.sha256 is None:
+        raise MissingWeightsError(
+            f"model {entry.name!r} is not shipped yet: it is registered, but its weights have not been trained and "
+            f"pinned in this medsr (expected at {path}, sha256 in medsr/weights/registry.py). "
+            "Name another model with --model, or a weights file."
+        )
     if entry.packaged and not path.is_file():
         raise MissingWeightsError(f"{entry.name!r} should ship inside medsr at {path}, but the file is missing: reinstall medsr")
     if path.is_file():

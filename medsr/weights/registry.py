@@ -2,7 +2,12 @@
 
 medsr's own medical models ship inside the package (``medsr/weights/models/*.safetensors``, fp16
 storage, a few MB) and resolve offline; their sha256 is pinned here and checked on every load.
-Model cards: docs/model-card-cxr-x4.md.
+Model cards: docs/model-card-cxr-x4.md, docs/model-card-retina-x2.md.
+
+A packaged entry whose ``sha256`` is still ``None`` is registered but **not shipped yet** (the retina
+model until its training run lands): loading it fails with a clear "not shipped yet" error, never with a
+silent fallback to another model. Shipping it = dropping the ``.safetensors`` into
+``medsr/weights/models/`` and filling ``sha256`` and ``size`` here.
 
 Hashes are the sha256 of the official release files (67,040,989 and 67,061,725 bytes), as recorded by
 several independent public projects (e.g. Arch's python-realesrgan PKGBUILD ``sha256sums``).
@@ -32,8 +37,11 @@ class ModelEntry:
     packaged: bool = False  # ``filename`` ships in medsr/weights/models/ (no download)
 
 
-#: The model ``medsr-infer`` and ``Upscaler.from_pretrained()`` use when none is named.
+#: The model ``medsr-infer`` and ``Upscaler.from_pretrained()`` use when none is named (and, in
+#: ``medsr-infer``, when the input is not a colour or ophthalmic image: ``medsr.runtime.choice``).
 DEFAULT_MODEL = "medsr-cxr-x4"
+#: medsr's model for colour fundus photographs / ophthalmic photography (``medsr.runtime.choice``).
+RETINA_MODEL = "medsr-retina-x2"
 
 MODELS: dict[str, ModelEntry] = {
     e.name: e
@@ -58,6 +66,18 @@ MODELS: dict[str, ModelEntry] = {
             size=1_527_474,
             description="medsr chest X-ray x4 fidelity model, fast: gray RRDBNet 4 blocks x 32 features, L1 only",
             license="MIT (weights trained by medsr on NIH ChestX-ray14 images)",
+            packaged=True,
+        ),
+        ModelEntry(
+            name="medsr-retina-x2",
+            filename="medsr-retina-x2.safetensors",
+            url="",
+            sha256=None,  # TODO(lead): sha256 of the trained file (retina_x2_compact), then size=
+            scale=2,
+            size=None,
+            description="medsr retinal fundus x2 fidelity model: RGB RRDBNet 3 blocks x 32 features, L1 only "
+                        "(the choice for colour fundus photographs and ophthalmic photography DICOM)",
+            license="MIT (weights trained by medsr on IDRiD images, CC BY 4.0)",
             packaged=True,
         ),
         ModelEntry(
@@ -93,6 +113,11 @@ def find_entry(name: str) -> ModelEntry | None:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     return MODELS.get(key)
+
+
+def is_shipped(entry: ModelEntry) -> bool:
+    """A packaged entry whose file ships pinned (``sha256`` filled in); False for "registered, not shipped yet"."""
+    return entry.packaged and entry.sha256 is not None
 
 
 def cache_dir() -> Path:
