@@ -19,7 +19,8 @@ SHIPPED = sorted(n for n, e in MODELS.items() if is_shipped(e))
 
 def test_default_is_a_shipped_gray_x4_model() -> None:
     assert DEFAULT_MODEL == "medsr-cxr-x4"
-    assert {"medsr-cxr-x4", "medsr-cxr-x4-fast"} <= set(SHIPPED) <= {"medsr-cxr-x4", "medsr-cxr-x4-fast", "medsr-retina-x2"}
+    assert {"medsr-cxr-x4", "medsr-cxr-x4-fast", "medsr-mr-tp"} <= set(SHIPPED) <= {
+        "medsr-cxr-x4", "medsr-cxr-x4-fast", "medsr-mr-tp", "medsr-retina-x2"}
     assert MODELS[DEFAULT_MODEL].packaged and MODELS[DEFAULT_MODEL].scale == 4
 
 
@@ -48,6 +49,26 @@ def test_shipped_model_loads_offline_and_upscales(name: str, blocks: int, feat: 
     inner = (slice(8, -8), slice(8, -8))
     assert abs(float(hr[inner].mean() - ref[inner].mean())) < 0.01
     assert float(np.abs(hr[inner] - ref[inner]).max()) < 0.06
+
+
+def test_shipped_volume_model_is_x1_gray_and_faithful_on_smooth_data() -> None:
+    """The through-plane model refines B-spline interpolation: on a smooth volume it must stay close to it (no
+    invented structure), and it must change something where there are through-plane edges."""
+    from medsr.volumes import Volume
+    from medsr.volumes.throughplane import reconstruct
+
+    lm = load_model("medsr-mr-tp")
+    m = lm.model
+    assert (m.num_in_ch, m.num_out_ch, m.scale, m.num_block, m.num_feat) == (1, 1, 1, 3, 32)
+    up = Upscaler.from_pretrained("medsr-mr-tp", tile=64, overlap=16)
+    x, y, z = np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, 1, 36), np.linspace(0, 1, 10), indexing="ij")
+    smooth = Volume((200 + 300 * z + 100 * x).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))
+    base = reconstruct(smooth, None).array
+    rec = reconstruct(smooth, up).array
+    inner = (slice(4, -4), slice(4, -4), slice(6, -6))
+    assert float(np.abs(rec[inner] - base[inner]).max()) < 0.02 * 400
+    edges = Volume(np.where(z > 0.45, 500.0, 100.0).astype(np.float32) + 50 * x, np.diag([1.0, 1.0, 3.0, 1.0]))
+    assert float(np.abs(reconstruct(edges, up).array - reconstruct(edges, None).array).max()) > 1.0
 
 
 def test_from_pretrained_without_a_name_uses_the_default() -> None:
