@@ -21,6 +21,10 @@ What no check can see, and is accepted: a changed bit inside uncompressed pixel 
 DICOM), inside JPEG entropy-coded data or table values, or inside a DICOM attribute value that is
 not a pixel-module field: these formats carry no checksum there, the file is still well formed
 and decodes to an image of the declared size. PNG is fully covered by its chunk CRCs.
+
+Known gap: a JPEG frame header whose height or width was changed decodes to that other size; libjpeg
+fills the missing rows and only prints "premature end of data segment" on stderr, which OpenCV does
+not report (tests/test_hostile_sweep.py keeps it as a strict xfail).
 """
 
 from __future__ import annotations
