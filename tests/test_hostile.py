@@ -338,7 +338,7 @@ def test_dicom_problems_are_named(tmp_path: Path) -> None:
     native = _save(make_cr(), tmp_path / "native.dcm").read_bytes()
     assert native.count(b"1.2.840.10008.1.2.1\x00") == 1  # claim RLE Lossless for native bytes
     (tmp_path / "mismatch.dcm").write_bytes(native.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.5\x00"))
-    with pytest.raises(ImageReadError, match="corrupt, truncated or not in that transfer syntax"):
+    with pytest.raises(ImageReadError, match="RLE Lossless pixel data must be encapsulated.*not in that transfer syntax"):
         read_image(tmp_path / "mismatch.dcm")
 
 
@@ -407,3 +407,185 @@ def test_nan_weights_are_refused_at_load(tmp_path: Path) -> None:
         load_model(str(p))
     r = _cli("--model", str(p), str(_png(tmp_path / "a.png")), "-o", str(tmp_path / "o"))
     assert r.exit_code != 0 and "the weights are broken" in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- issue 23: lengths, geometry, options, names
+# (tests/test_hostile_sweep.py cuts and flips every format and transfer syntax; these pin one case per class)
+
+
+def _tiff_tag_offset(path: Path, tag: str) -> tuple[int, int]:
+    """(file offset of the tag's value, bytes per item) in a little-endian TIFF."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        t = tf.pages[0].tags[tag]
+        return t.valueoffset, 2 if t.dtype == 3 else 4
+
+
+def _patch(path: Path, out: Path, offset: int, fmt: str, value: int) -> Path:
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _refused(path: Path, *words: str) -> str:
+    with pytest.raises(ImageReadError) as ei:
+        read_image(path)
+    msg = str(ei.value)
+    assert str(path) in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_declared_lengths_are_checked_against_the_bytes_present(tmp_path: Path, model_path: Path) -> None:
+    import tifffile
+    from pydicom.uid import RLELossless
+
+    # DICOM: a Pixel Data length of 0xFFFFFFF0 with the 8 KB of a 64x64x16 image present
+    good = _save(make_cr(h=64, w=64), tmp_path / "good.dcm")
+    at = good.read_bytes().rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+    big = _patch(good, tmp_path / "biglen.dcm", at + 8, "<I", 0xFFFFFFF0)
+    _refused(big, "truncated DICOM file (pixel data at offset", "declares 4294967280 bytes, only 8192 present")
+    # DICOM encapsulated: a fragment whose item length runs past the pixel data
+    ds = make_cr(h=32, w=32)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    rle = _save(ds, tmp_path / "rle.dcm")
+    item = rle.read_bytes().find(b"\xfe\xff\x00\xe0", at - 200 if at > 200 else 0)
+    item = rle.read_bytes().find(b"\xfe\xff\x00\xe0", item + 8)  # the first fragment (after the offset table)
+    _refused(_patch(rle, tmp_path / "rle_item.dcm", item + 4, "<I", 0x10000), "truncated encapsulated pixel data")
+    # TIFF: StripByteCounts 0, and a strip past the end of the file
+    tifffile.imwrite(tmp_path / "t.tif", np.full((16, 16), 7, np.uint8), rowsperstrip=4)
+    off, size = _tiff_tag_offset(tmp_path / "t.tif", "StripByteCounts")
+    sbc0 = _patch(tmp_path / "t.tif", tmp_path / "sbc0.tif", off, "<H" if size == 2 else "<I", 0)
+    _refused(sbc0, "corrupt TIFF file (strip 0: StripByteCounts is 0")
+    past = _patch(tmp_path / "t.tif", tmp_path / "past.tif", off + 3 * size, "<H" if size == 2 else "<I", 4000)
+    _refused(past, "truncated TIFF file (strip 3 at offset", "declares 4000 bytes")
+    # PNG: a chunk length past the end, a CRC that does not match; JPEG: a segment past the end
+    png = _png(tmp_path / "p.png", (16, 16))
+    _refused(_patch(png, tmp_path / "plen.png", 33, ">I", 1 << 20), "truncated PNG file (chunk IDAT at offset 33 declares")
+    flipped = bytearray(png.read_bytes())
+    flipped[45] ^= 1
+    (tmp_path / "pcrc.png").write_bytes(bytes(flipped))
+    _refused(tmp_path / "pcrc.png", "corrupt PNG file (CRC mismatch in chunk IDAT at offset 33)")
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16), 90, np.uint8))
+    (tmp_path / "j.jpg").write_bytes(buf.tobytes())
+    dqt = buf.tobytes().find(b"\xff\xdb")
+    _refused(_patch(tmp_path / "j.jpg", tmp_path / "jlen.jpg", dqt + 2, ">H", 60000),
+             f"truncated JPEG file (segment 0xFFDB at offset {dqt} declares 60000 bytes")
+    # the issue's two wrong successes through the CLI: exit 1, nothing written for them, the good file is
+    d = tmp_path / "in"
+    d.mkdir()
+    for f in (big, sbc0, good):
+        (d / f.name).write_bytes(f.read_bytes())
+    r = _cli("--model", str(model_path), str(d), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 1 and "1 written" in r.output and "2 failed" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.dcm"]
+
+
+def _two_jpeg_frames(tmp_path: Path, name: str, *, bot: bool) -> Path:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = make_cr(h=16, w=16)
+    frame = np.full((16, 16), 100, np.uint8)
+    ds.set_pixel_data(frame, "MONOCHROME2", 8, generate_instance_uid=False)
+    ok, buf = cv2.imencode(".jpg", frame)
+    ds.PixelData = encapsulate([buf.tobytes(), buf.tobytes()], has_bot=bot)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return _save(ds, tmp_path / name)
+
+
+def test_geometry_fields_are_checked_before_decoding(tmp_path: Path) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "t.tif", np.full((16, 16), 7, np.uint8))
+    off, _ = _tiff_tag_offset(tmp_path / "t.tif", "ImageWidth")
+    _refused(_patch(tmp_path / "t.tif", tmp_path / "w0.tif", off, "<H", 0),
+             "corrupt TIFF file (ImageWidth 0, ImageLength 16: both must be at least 1)")
+    # two encapsulated JPEG frames and no NumberOfFrames: named, not "images must have 1 or 3 channels, got 128"
+    _refused(_two_jpeg_frames(tmp_path, "two_nobot.dcm", bot=False),
+             "inconsistent DICOM: the pixel data holds 2 encapsulated frames, no NumberOfFrames (1 frame)")
+    _refused(_two_jpeg_frames(tmp_path, "two_bot.dcm", bot=True),
+             "the basic offset table lists 2 frames, no NumberOfFrames (1 frame)")
+    ds = make_cr()
+    ds.Rows = 0
+    _refused(_save(ds, tmp_path / "rows0.dcm"), "Rows 0, Columns 16")
+    ds = make_cr()
+    ds.SamplesPerPixel = 3
+    _refused(_save(ds, tmp_path / "spp3.dcm"), "inconsistent DICOM: SamplesPerPixel 3 with PhotometricInterpretation MONOCHROME2")
+    ds = make_cr()
+    ds.HighBit = 3  # BitsStored 12
+    _refused(_save(ds, tmp_path / "highbit.dcm"), "inconsistent DICOM bit depth: HighBit 3 with BitsStored 12")
+    ds = make_cr()
+    ds.NumberOfFrames = 2  # 640 bytes of one 20x16 frame
+    _refused(_save(ds, tmp_path / "frames2.dcm"), "pixel data is truncated: 640 bytes, expected 1280")
+
+
+def test_tile_and_overlap_are_checked_together(tmp_path: Path, model_path: Path) -> None:
+    from medsr.runtime import TileConfig
+
+    src = _png(tmp_path / "a.png")
+    for args in (["--tile", "3"], ["--tile", "3", "--overlap", "4"], ["--tile", "7"]):
+        r = CliRunner().invoke(main, ["--quiet", "--device", "cpu", "--model", str(model_path), *args, str(src),
+                                      "-o", str(tmp_path / "o")])
+        assert r.exit_code == 2, (args, r.output)
+        assert "is smaller than the overlap" in r.output or "overlap must be smaller than the tile" in r.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="tile 3 is smaller than the overlap"):
+        Upscaler.from_pretrained(model_path, device="cpu", tile=3)
+    assert TileConfig.from_options(3, 0).overlap == 0  # no overlap, asked for explicitly
+    assert TileConfig.from_options(8).overlap == 4 and TileConfig.from_options().overlap == 32
+    assert TileConfig.from_options(None, 40).tile == 256
+
+
+def test_non_utf8_names_are_read_and_written_byte_for_byte(tmp_path: Path, model_path: Path) -> None:
+    import tifffile
+
+    from medsr.io import write_image
+
+    base = os.fsencode(tmp_path)
+    src, out = base + b"/in_\xe9", base + b"/out_\xe9"  # Latin-1 bytes, as an old Windows/Samba share writes them
+    os.mkdir(src)
+    ok, buf = cv2.imencode(".png", np.full((16, 16), 100, np.uint8))
+    with open(src + b"/scan_\xe9.png", "wb") as f:
+        f.write(buf.tobytes())
+    with open(src + b"/bad_\xe9.png", "wb") as f:
+        f.write(buf.tobytes()[:40])
+    cmd = [sys.executable, "-m", "medsr.cli.infer", "--quiet", "--device", "cpu", "--model", str(model_path),
+           "--tile", "16", "--overlap", "4", src, b"-o", out]
+    env = dict(os.environ, LC_ALL="C.UTF-8", PYTHONIOENCODING="")  # a strict UTF-8 terminal
+    r = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1, err
+    assert b"1 written" in r.stdout and b"1 failed" in r.stdout and "Traceback" not in err
+    assert os.listdir(out) == [b"scan_\xe9.png"]  # the output's name is the input's bytes
+    assert cv2.imdecode(np.fromfile(os.fsdecode(out + b"/scan_\xe9.png"), np.uint8), 0).shape == (64, 64)
+    assert "truncated PNG file" in err and "bad_\\udce9.png" in err  # named, escaped, not a crash
+    # the API writes every format under such a name, in such a folder; temp names are ASCII
+    img = read_image(os.fsdecode(src + b"/scan_\xe9.png"))
+    folder = os.fsdecode(out + b"/sub_\xfc")
+    tifffile.imwrite(tmp_path / "t.tif", np.full((8, 8), 9, np.uint16))
+    sources = {".png": img, ".jpg": read_image(_jpg(tmp_path / "j.jpg")), ".tif": read_image(tmp_path / "t.tif"),
+               ".dcm": read_image(_save(make_cr(), tmp_path / "c.dcm"))}
+    for suffix, im in sources.items():
+        if im.format == "dicom":
+            from medsr.io import make_output
+
+            im = make_output(im, np.repeat(np.repeat(im.pixels, 2, 0), 2, 1), 2, "test")
+        dest = write_image(im, f"{folder}/r\xe9sum\udce9{suffix}")
+        assert os.path.basename(os.fsencode(dest)) == b"r\xc3\xa9sum\xe9" + suffix.encode()
+        assert read_image(dest).pixels.shape == im.pixels.shape
+    assert not _temps(Path(folder))
+    with atomic_write_path(Path(folder) / "x\udce9\udcff.png") as tmp:
+        assert tmp.name.isascii() and tmp.parent == Path(folder)
+        tmp.write_bytes(b"x")
+    assert b"x\xe9\xff.png" in os.listdir(os.fsencode(folder))
+
+
+def _jpg(path: Path) -> Path:
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))
+    path.write_bytes(buf.tobytes())
+    return path

@@ -92,7 +92,12 @@ def _quiet(where: object) -> Iterator[None]:
 def read_dicom(path: Path) -> Image:
     """Read a single-frame DICOM image (see :func:`_read_dicom`)."""
     with _quiet(path):
-        return _read_dicom(path)
+        try:
+            return _read_dicom(path)
+        except ImageReadError:
+            raise
+        except Exception as e:  # a damaged attribute pydicom cannot convert; its value stays out of the message
+            raise ImageReadError(f"{path}: corrupt DICOM file (an attribute cannot be read: {type(e).__name__})") from None
 
 
 def _read_dicom(path: Path) -> Image:
@@ -112,7 +117,7 @@ def _read_dicom(path: Path) -> Image:
     except InvalidDicomError:
         raise ImageReadError(not_dicom) from None
     except Exception as e:  # truncated/corrupt; message names only the parser problem
-        raise ImageReadError(f"{path}: corrupt DICOM file ({type(e).__name__})") from None
+        raise ImageReadError(f"{path}: corrupt or truncated DICOM file ({type(e).__name__})") from None
     try:
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             if len(ds) == 0 or ("SOPClassUID" not in ds and "PixelData" not in ds):
@@ -123,7 +128,8 @@ def _read_dicom(path: Path) -> Image:
         raise ImageReadError(not_dicom) from None
     from medsr.io.checks import check_dicom_lengths
 
-    check_dicom_lengths(path, ds, path.stat().st_size)  # declared lengths against the bytes present
+    deflated = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99"
+    check_dicom_lengths(path, ds, None if deflated else size)  # declared lengths against the bytes present
     return _image_from_dataset(ds, path)
 
 
@@ -222,12 +228,12 @@ def _image_from_dataset(ds: Any, path: Path | None) -> Image:
                 f"NumberOfFrames ({frames}) do not match the data"
             )
     elif raw is not None and tsuid:  # encapsulated: fragments against NumberOfFrames, before any codec sees them
-        if not getattr(ds["PixelData"], "is_undefined_length", True):
+        if path is not None and not getattr(ds["PixelData"], "is_undefined_length", True):  # as read from a file
             raise ImageReadError(
-                f"{where}: corrupt DICOM file: {ts_name} pixel data must be encapsulated (undefined length), "
-                "it has a defined length"
+                f"{where}: corrupt DICOM file: {ts_name} pixel data must be encapsulated (undefined length), this has "
+                "a defined length: the data is not in that transfer syntax, or the file is corrupt"
             )
-        check_encapsulated(where, bytes(raw), tsuid, frames, "NumberOfFrames" in ds)
+        check_encapsulated(where, raw, tsuid, frames, "NumberOfFrames" in ds)
     arr = _decode_frame(ds, 0 if frames > 1 else None, where, ts_name)
     _check_decoded(arr, ds, where, samples, 0 if frames > 1 else None)
     arr = _to_stored(arr, where, bits_alloc, bits_stored, pixel_rep)

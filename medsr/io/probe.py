@@ -47,6 +47,7 @@ def header_size(path: Path, fmt: str) -> tuple[int, int, int]:
 
 
 def _jpeg_size(path: Path) -> tuple[int, int, int]:
+    size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(2) != b"\xff\xd8":
             raise ImageReadError(f"{path}: not a valid JPEG file (no start-of-image marker)")
@@ -65,6 +66,12 @@ def _jpeg_size(path: Path) -> tuple[int, int, int]:
             if len(seg) < 2:
                 raise ImageReadError(f"{path}: truncated JPEG file (no frame header)")
             n = struct.unpack(">H", seg)[0]
+            at = f.tell() - 4
+            if at + 2 + n > size:
+                raise ImageReadError(
+                    f"{path}: truncated JPEG file (segment 0xFF{marker:02X} at offset {at} declares {n} bytes, "
+                    f"only {max(0, size - at - 2)} present)"
+                )
             if marker in _SOF:
                 data = f.read(5)
                 if len(data) < 5:
@@ -121,6 +128,8 @@ def check_deflate_size(path: Path, limit_bytes: int) -> None:
                     f"{path}: deflated DICOM inflates to more than {limit_bytes / 1e6:.0f} MB, "
                     "more than the pixel limit allows; refusing to decode it"
                 )
+        if not d.eof:
+            raise ImageReadError(f"{path}: truncated deflated DICOM file (the deflate stream ends before its end marker)")
 
 
 def _meta_length(path: Path) -> int:
