@@ -48,7 +48,8 @@ def _load(spec: str, engine: bool, **kw: Any) -> tuple[str, Any]:
 @click.option("--overlap", type=int, default=None, help="LR pixels shared by neighbouring tiles.")
 @click.option("--batch", type=int, default=None, help="Tiles per backend call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+              help="int8: an int8-quantized OpenVINO IR given with --engine (medsr-export --openvino-int8).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: runs/eval-<date>-<time>].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -224,6 +224,10 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         load = LoadSpec(engine or model, runtime, device, precision, config, dicom_syntax)
         _run_ray(walk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
                  overwrite, limit, quiet, outdir)
+    if not overwrite and walk.jobs and all(j.dst.exists() for j in walk.jobs):  # a skip-only pass: no model load
+        summary, jobs = _start_run(walk, input_files)
+        summary.skipped = len(jobs)
+        _finish(summary, ignored, 0.0, outdir, None, "nothing: every output exists, the model was not loaded")
     try:
         if triton_url:
             from medsr.api import Upscaler
