@@ -169,12 +169,15 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
                    "this machine's cluster; ray://HEAD:10001 a remote one. Paths must be shared by all workers.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray: upscale actors (default: one per GPU, or one per 2 CPUs).")
+@click.option("--encoders", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Overlap reading, upscaling and writing: N encoder processes build and write outputs (JPEG 2000, "
+                   "PNG) while the engine upscales the next image (medsr.pipeline); 0: one file after another.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str | None, triton_url: str | None,
          tile: int | None,
          overlap: int | None, batch: int | None, device: str, precision: str | None, runtime: str, compile_: bool,
          overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
-         workers: int | None, quiet: bool) -> None:
+         workers: int | None, quiet: bool, encoders: int = 0) -> None:
     """Upscale INPUTS (files or folders, recursive) into OUTDIR.
 
     A file that cannot be read is reported and skipped, and the exit code is 1. Non-image files met
@@ -250,7 +253,10 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     interrupted: str | None = None
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
-    for job in files_bar:
+    if encoders:  # the overlapped pipeline: same rules, same summary
+        interrupted = _run_pipeline(up, jobs, summary, files_bar, tiles_bar, overwrite, limit, dicom_syntax, encoders)
+        jobs = []
+    for job in files_bar if not encoders else ():
         try:
             up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit, progress=_bar_progress(tiles_bar),
                             dicom_syntax=dicom_syntax)
@@ -272,6 +278,33 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     tiles_bar.close()
     files_bar.close()
     _finish(summary, ignored, time.perf_counter() - t0, outdir, interrupted, ran)
+
+
+def _run_pipeline(up: object, jobs: list[Job], summary: Summary, files_bar: object, tiles_bar: object,
+                  overwrite: bool, max_pixels: int, dicom_syntax: str | None, encoders: int) -> str | None:
+    """medsr-infer --encoders N: medsr.pipeline.run_pipeline, outcomes counted into ``summary``; the
+    interruption message when stopped."""
+    from tqdm import tqdm
+
+    from medsr.pipeline import FAILED, SKIPPED, PipelineOptions, run_pipeline
+
+    run = run_pipeline(up, [(j.src, j.dst) for j in jobs], overwrite=overwrite, max_pixels=max_pixels,  # type: ignore[arg-type]
+                       dicom_syntax=dicom_syntax, options=PipelineOptions(encoders=encoders),
+                       progress=_bar_progress(tiles_bar))
+    try:
+        for o in run:
+            files_bar.update(1)  # type: ignore[attr-defined]
+            if o.status == SKIPPED:
+                summary.skipped += 1
+            elif o.status == FAILED:
+                summary.failed.append((o.src, o.message))
+                tqdm.write(f"FAILED {o.message}", file=sys.stderr)
+            else:
+                summary.written += 1
+    except KeyboardInterrupt as e:
+        run.close()
+        return f"interrupted ({e or 'SIGINT'}); files being written were abandoned (no partial outputs)"
+    return None
 
 
 def _start_run(walk: Walk, input_files: set[Path]) -> tuple[Summary, list[Job]]:
