@@ -23,9 +23,29 @@ from pathlib import Path
 from typing import Any
 
 
-def make_inputs(folder: Path, count: int, size: int, source: Path | None) -> list[Path]:
+def _write_dicom(path: Path, a: Any, i: int) -> None:
+    """A minimal CR instance (12-bit MONOCHROME2, explicit little endian) holding ``a``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    cr = "1.2.840.10008.5.1.4.1.1.1"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = cr
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["bench", str(i)])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["bench-study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["bench-series"])
+    ds.Modality = "CR"
+    ds.PixelSpacing = [0.2, 0.2]
+    ds.set_pixel_data((a >> 4).astype("uint16"), "MONOCHROME2", 12, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_inputs(folder: Path, count: int, size: int, source: Path | None, dicom: bool = False) -> list[Path]:
     """``count`` 16-bit PNGs of ``size`` x ``size``: centre-ish crops of the radiographs in ``source`` (round
-    robin, shifted per pass), else synthetic radiographs."""
+    robin, shifted per pass), else synthetic radiographs. ``dicom``: 12-bit CR DICOM files instead (outputs
+    are then derived DICOM, JPEG 2000 lossless: the costly encoder)."""
     import cv2
     import numpy as np
 
@@ -46,8 +66,11 @@ def make_inputs(folder: Path, count: int, size: int, source: Path | None) -> lis
             a = a[y0:y0 + size, x0:x0 + size]
         else:
             a = np.rint(synthetic_radiograph(size, size, seed=i) * 65535).astype(np.uint16)
-        p = folder / f"in{i:03d}.png"
-        cv2.imwrite(str(p), a)
+        p = folder / f"in{i:03d}.{'dcm' if dicom else 'png'}"
+        if dicom:
+            _write_dicom(p, a, i)
+        else:
+            cv2.imwrite(str(p), a)
         out.append(p)
     return out
 
@@ -113,6 +136,19 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tiny_gray(seed: int = 0) -> Any:
+    import torch
+
+    from medsr.arch import RRDBNet
+
+    g = torch.Generator().manual_seed(seed)
+    m = RRDBNet(1, 1, 4, num_feat=8, num_block=1, num_grow_ch=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="'tiny', a registered name or a weights file")
@@ -125,21 +161,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", default="1,2", help="encoder process counts, comma-separated")
     ap.add_argument("--inputs", type=Path, default=None, help="folder of radiograph PNGs to crop (else synthetic)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--dicom", action="store_true", help="DICOM in, DICOM JPEG 2000 lossless out (else 16-bit PNG)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file")
     a = ap.parse_args(argv)
     import torch
 
     from medsr.api import Upscaler
-    from medsr.bench.runner import TINY, tiny_model
+    from medsr.bench.runner import TINY
 
     with tempfile.TemporaryDirectory(prefix="medsr-pipe-") as tmp:
         work = Path(tmp)
         spec = a.model
-        if spec == TINY:
+        if spec == TINY:  # a gray tiny model, like the radiograph models (3x less work than RGB)
             spec = str(work / "tiny.pth")
-            torch.save({"params_ema": tiny_model().state_dict()}, spec)
+            torch.save({"params_ema": _tiny_gray().state_dict()}, spec)
         up = Upscaler.load(spec, runtime=a.runtime, device=a.device, precision=a.precision, tile=a.tile)
-        inputs = make_inputs(work / "in", a.count, a.size, a.inputs)
+        inputs = make_inputs(work / "in", a.count, a.size, a.inputs, a.dicom)
         res = measure(up, inputs, [int(k) for k in a.workers.split(",")], work, a.repeats)
     res["cpu_count"] = __import__("os").cpu_count()
     if a.out:
