@@ -165,8 +165,8 @@ class Upscaler:
         if runtime == "auto":
             runtime = "torch" if compile else auto_runtime(str(spec or DEFAULT_MODEL), device, precision)
             if precision is None and runtime == "openvino":
-                choice = f"auto: {precision_reason()}"
-            precision = auto_precision(runtime, precision)
+                choice = f"auto: {precision_reason(str(spec or DEFAULT_MODEL))}"
+            precision = auto_precision(runtime, precision, str(spec or DEFAULT_MODEL))
         if runtime == "torch":
             up = cls.from_pretrained(spec, device=device, precision=precision or "fp32", compile=compile, config=config)
         else:
@@ -338,6 +338,13 @@ class Upscaler:
         out = self._upscale_stored(img, progress)
         return make_output(img, out, self.scale, self.model_id, weights_sha256=self.weights_sha256,
                            dicom_syntax=dicom_syntax, provenance=self.provenance())
+
+    def upscale_stored(self, img: Image, *, progress: Callable[[int, int], object] | None = None) -> np.ndarray:
+        """The upscaled pixels of a single-frame ``img`` in its stored dtype (what ``make_output`` takes): the
+        engine's share of :meth:`upscale_image`, for pipelines that build and encode the output elsewhere."""
+        if img.frames > 1:
+            raise ValueError("a multi-frame DICOM is upscaled with upscale_image (frame by frame)")
+        return self._upscale_stored(img, progress)
 
     def _upscale_stored(self, img: Image, progress: Callable[[int, int], object] | None) -> np.ndarray:
         from medsr.io import float_to_stored, to_float

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # --------------------------------------------------------------------------------------------- FLOPs
@@ -178,7 +178,13 @@ def gemm_peak_tflops(device: Any = "cpu", precision: str = "fp32", n: int | None
             if ov_run is not None:
                 runs["openvino"] = ov_run
         for lib, fn in runs.items():
-            timing = time_call(fn, repeats=repeats, warmup=1, device=dev)
+            if dev.type == "cuda":  # fp32 is IEEE fp32 (TF32 off), tf32 its own precision
+                from medsr.runtime.torch_backend import cuda_fp32_math
+
+                with cuda_fp32_math(tf32=precision == "tf32"):
+                    timing = time_call(fn, repeats=repeats, warmup=1, device=dev)
+            else:
+                timing = time_call(fn, repeats=repeats, warmup=1, device=dev)
             tflops = 2.0 * size**3 / timing.best / 1e12
             tried[f"{lib} n={size}"] = round(tflops, 4)
             if not best or tflops > best["tflops"]:

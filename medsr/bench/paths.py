@@ -27,7 +27,7 @@ class PathSpec:
     precision: str  # "fp32" | "bf16" | "fp16"
     device: str  # "bench": the bench device; "cpu"; "cuda"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = False  # True, or a torch.compile mode ("reduce-overhead": CUDA graphs)
     description: str = ""
 
     def resolved_device(self, bench_device: str) -> str:
@@ -42,14 +42,20 @@ PATHS: tuple[PathSpec, ...] = (
     PathSpec("torch-fp32", "torch", "fp32", "bench", description="PyTorch eager fp32, NCHW (the reference)"),
     PathSpec("torch-fp32-cl", "torch", "fp32", "bench", channels_last=True, description="PyTorch fp32, channels_last"),
     PathSpec("torch-bf16-cl", "torch", "bf16", "bench", channels_last=True, description="PyTorch bf16 autocast, channels_last"),
+    PathSpec("torch-tf32-cl", "torch", "tf32", "cuda", channels_last=True,
+             description="PyTorch TF32 convolutions, channels_last (GPU)"),
     PathSpec("torch-fp16-cl", "torch", "fp16", "cuda", channels_last=True, description="PyTorch fp16, channels_last (GPU)"),
     PathSpec("torch-compile", "torch", "fp32", "bench", channels_last=True, compile=True,
              description="torch.compile, channels_last, fp32"),
     PathSpec("torch-compile-fp16", "torch", "fp16", "cuda", channels_last=True, compile=True,
              description="torch.compile, channels_last, fp16 (GPU)"),
+    PathSpec("torch-cudagraph-fp16", "torch", "fp16", "cuda", channels_last=True, compile="reduce-overhead",
+             description="torch.compile mode reduce-overhead (CUDA graphs), channels_last, fp16 (GPU)"),
     PathSpec("ort-cpu", "onnxruntime", "fp32", "cpu", description="ONNX Runtime CPUExecutionProvider, fp32 ONNX"),
     PathSpec("ov-fp32", "openvino", "fp32", "cpu", description="OpenVINO CPU, fp32 ONNX, inference precision f32"),
     PathSpec("ov-bf16", "openvino", "bf16", "cpu", description="OpenVINO CPU, fp32 ONNX, inference precision bf16"),
+    PathSpec("ov-int8", "openvino", "int8", "cpu",
+             description="OpenVINO CPU, NNCF int8 IR (calibrated on $MEDSR_CALIBRATION crops, else synthetic)"),
     PathSpec("ort-cuda", "onnxruntime", "fp32", "cuda", description="ONNX Runtime CUDAExecutionProvider, fp32 ONNX"),
     PathSpec("ort-cuda-fp16", "onnxruntime", "fp16", "cuda", description="ONNX Runtime CUDAExecutionProvider, fp16 ONNX"),
     PathSpec("trt-fp16", "tensorrt", "fp16", "cuda", description="TensorRT engine, FP16"),
@@ -112,6 +118,8 @@ def unavailable(spec: PathSpec, bench_device: str) -> str | None:
             return "onnx not installed (needed to export the model)"
         if bench_device == "cuda":
             return "OpenVINO is a CPU path (run with --device cpu)"
+        if spec.precision == "int8" and not _has_module("nncf"):
+            return "nncf not installed (pip install medsr[cpu]): needed to quantize"
     if spec.kind == "tensorrt":
         if not _has_module("tensorrt"):
             return "TensorRT not installed (python package 'tensorrt')"
@@ -151,10 +159,29 @@ def _ort_backend(spec: PathSpec, model: Any, device: str, workdir: Path, tile: i
 
 
 def _ov_backend(spec: PathSpec, model: Any, workdir: Path, tile: int) -> Any:
-    onnx_path = export_onnx_file(copy.deepcopy(model).cpu().float(), workdir / "model-fp32.onnx", tile, "fp32")
+    onnx_path = workdir / "model-fp32.onnx"
+    if not onnx_path.is_file():
+        export_onnx_file(copy.deepcopy(model).cpu().float(), onnx_path, tile, "fp32")
     from medsr.runtime.engines import open_backend
 
+    if spec.precision == "int8":
+        return open_backend(_int8_ir(onnx_path, model.descriptor.in_channels, workdir), device="cpu")
     return open_backend(onnx_path, device="cpu", precision=spec.precision, runtime="openvino")
+
+
+#: crops the bench quantizes on (speed is what the bench measures; fidelity: medsr-eval on the evaluation set)
+BENCH_CALIB_COUNT = 32
+
+
+def _int8_ir(onnx_path: Path, channels: int, workdir: Path) -> Path:
+    """An int8 IR of the ONNX, calibrated on ``$MEDSR_CALIBRATION`` (a folder of training images) when set,
+    else on synthetic radiograph crops."""
+    import os
+
+    from medsr.export.int8 import CALIB_SIZE, export_int8_ir, synthetic_crops_dir
+
+    calib = os.environ.get("MEDSR_CALIBRATION") or str(synthetic_crops_dir(workdir / "calib", count=4))
+    return export_int8_ir(onnx_path, workdir / "model.int8.xml", calib, size=CALIB_SIZE, count=BENCH_CALIB_COUNT)
 
 
 def _trt_backend(spec: PathSpec, model: Any, workdir: Path, tile: int, batch: int) -> Any:

@@ -166,6 +166,10 @@ def render_markdown(result: dict[str, Any], pngs: dict[str, str] | None = None) 
             out.append(f"- default TileConfig (tile {p['tile']}, overlap {p['overlap']}) on LR {p['lr_hw'][0]}x{p['lr_hw'][1]}: "
                        f"{p['num_tiles']} tiles, extra pixels {100 * p['extra_pixel_ratio']:.1f}%")
     out.append("")
+    if result.get("startup") is not None:
+        from medsr.bench.startup import startup_markdown
+
+        out += ["## Start-up (cold and warm)", "", *startup_markdown(result["startup"])]
     return "\n".join(out)
 
 

@@ -37,6 +37,8 @@ class BenchConfig:
     overhead_hw: tuple[int, int] | None = None
     overhead_default_tile: bool = True
     gemm_n: int | None = None
+    #: cold and warm start (fresh processes, medsr.bench.startup); the tile of the first image
+    startup: bool = False
     preset: str = "custom"
 
     @classmethod
@@ -48,7 +50,7 @@ class BenchConfig:
             return cls(model=TINY, tile=32, batch=2, repeats=2, warmup=1, paths=list(SMOKE_PATHS),
                        scaling_sizes=[(32, 32), (32, 64), (64, 64), (64, 96), (96, 96)], scaling_tile=32,
                        scaling_overlap=4, overhead_hw=(64, 64), overhead_default_tile=False, gemm_n=512,
-                       preset="smoke")
+                       startup=True, preset="smoke")
         if preset == "quick":
             if gpu:
                 return cls(model="realesrgan-x4plus", tile=256, batch=4, repeats=5, warmup=2, paths=gpu_paths,
@@ -56,7 +58,8 @@ class BenchConfig:
                            scaling_tile=256, scaling_overlap=16, overhead_hw=(1024, 1024), preset="quick")
             return cls(model="realesrgan-x4plus", tile=48, batch=1, repeats=2, warmup=1,
                        scaling_sizes=[(40, 40), (40, 80), (80, 80), (80, 120), (120, 120)], scaling_tile=48,
-                       scaling_overlap=8, overhead_hw=(80, 80), overhead_default_tile=False, preset="quick")
+                       scaling_overlap=8, overhead_hw=(80, 80), overhead_default_tile=False, startup=True,
+                       preset="quick")
         if preset == "full":
             if gpu:
                 return cls(model="realesrgan-x4plus", tile=256, batch=4, repeats=10, warmup=3, paths=gpu_paths,
@@ -248,8 +251,31 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     result["default_plan"] = None
     if cfg.scaling_sizes or cfg.overhead_hw:
         _runtime_sections(cfg, model, device, workdir, result, log)
+    result["startup"] = None
+    if cfg.startup and device == "cpu":
+        result["startup"] = _startup_section(cfg, model, workdir, log)
     tmp.cleanup()
     return result
+
+
+def _startup_section(cfg: BenchConfig, model: Any, workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Cold and warm start in fresh processes (the tiny model is saved as a weights file first)."""
+    import torch
+
+    from medsr.bench.startup import measure_startup
+
+    spec = cfg.model
+    if spec == TINY:
+        spec = str(workdir / "tiny.pth")
+        torch.save({"params_ema": model.state_dict()}, spec)
+    rows = measure_startup(spec, tile=cfg.tile)
+    for r in rows:
+        if r["status"] == "ok":
+            log(f"  start-up {r['path']:14s} {r['phase']}: {r['to_first_pixel_s']:.2f} s to the first pixel "
+                f"(load {r['load_s']:.2f} s, process {r['process_s']:.2f} s)")
+        else:
+            log(f"  start-up {r['path']:14s} {r['phase']}: {r['status']}")
+    return rows
 
 
 def _runtime_sections(cfg: BenchConfig, model: Any, device: str, workdir: Path, result: dict[str, Any],

@@ -22,7 +22,7 @@ PRESETS = ("smoke", "quick", "full")
 @click.option("--repeats", type=int, default=None, help="Timed repeats per path (median reported).")
 @click.option("--paths", "paths", default=None, help="Comma-separated paths (default: the preset's; 'all').")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--no-scaling", is_flag=True, help="Skip the image-size scaling and overhead sections.")
+@click.option("--no-scaling", is_flag=True, help="Skip the image-size scaling, overhead and start-up sections.")
 @click.option("--memory", "memory", default=None, metavar="HxW",
               help="Instead of the path table: peak RSS of whole medsr-infer runs per CPU path on one synthetic "
                    "16-bit HxW image (e.g. 3000x2500).")
@@ -91,8 +91,8 @@ def main(preset: str | None, model: str | None, device: str, tile: int | None, b
         if unknown:
             raise click.UsageError(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATH_NAMES)}")
         cfg.paths = names
-    if no_scaling:
-        cfg.scaling_sizes, cfg.overhead_hw = [], None
+    if no_scaling:  # also the start-up section: only the path table
+        cfg.scaling_sizes, cfg.overhead_hw, cfg.startup = [], None, False
     try:
         result = run_bench(cfg, log=say)
     except (ValueError, FileNotFoundError) as e:

@@ -43,6 +43,11 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 @click.option("--triton-version", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model version directory; config.pbtxt serves exactly this version.")
 @click.option("--triton-overwrite", is_flag=True, help="Replace an existing model version (default: refuse).")
+@click.option("--openvino", "openvino_ir", is_flag=True,
+              help="Also write the OpenVINO IR (<output>.xml + .bin, fp32; OpenVINO applies bf16 itself).")
+@click.option("--openvino-int8", "int8_calib", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              metavar="CALIB_DIR", help="Also write an int8 OpenVINO IR (<output>.int8.xml), quantized with NNCF on "
+              "crops of the images in CALIB_DIR (training images, never the evaluation set); implies --openvino.")
 @logging_options
 def main(
     model_name: str | None,
@@ -66,6 +71,8 @@ def main(
     triton_instances: int,
     triton_version: int,
     triton_overwrite: bool,
+    openvino_ir: bool,
+    int8_calib: Path | None,
     log: LogOptions,
 ) -> None:
     """Export a super-resolution model to ONNX and build a TensorRT engine (when TensorRT and a GPU exist)."""
@@ -136,6 +143,8 @@ def main(
             engine_src = res16.path
     except Exception as e:
         raise click.ClickException(f"ONNX export failed: {e}") from e
+    if openvino_ir or int8_calib is not None:
+        _write_openvino(res.path, int8_calib)
     # the ONNX Triton serves: fp16 on GPU instances when exported (its casts keep fp32 I/O), else fp32
     triton_onnx = engine_src if triton_kind == "gpu" else res.path
     if want_ir:
@@ -174,6 +183,24 @@ def main(
                f"{side['build'].get('seconds')} s")
     if triton:
         triton(out if triton_platform == "tensorrt" else triton_onnx)
+
+
+def _write_openvino(onnx32: Path, calib: Path | None) -> None:
+    """The fp32 IR beside the ONNX, and with ``calib`` the int8 IR quantized on its images."""
+    from medsr.runtime.backend import BackendError
+
+    try:
+        from medsr.export.openvino import export_openvino_ir
+
+        xml = export_openvino_ir(onnx32, onnx32.with_suffix(".xml"))
+        click.echo(f"  wrote {xml} + {xml.with_suffix('.bin').name} (OpenVINO IR, fp32)")
+        if calib is not None:
+            from medsr.export.int8 import export_int8_ir, int8_path_for
+
+            q = export_int8_ir(xml, int8_path_for(xml), calib)
+            click.echo(f"  wrote {q} + {q.with_suffix('.bin').name} (OpenVINO IR, int8, NNCF on {calib})")
+    except (BackendError, ImportError, OSError) as e:
+        raise click.ClickException(f"OpenVINO export failed: {e}") from None
 
 
 def _write_triton(src: Path, repo: Path, name: str, **kw: object) -> None:

@@ -62,11 +62,14 @@ def _load_upscaler(engine: str | None, model: str | None, runtime: str, precisio
               help="Volumes: target slice spacing in mm (instead of --factor).")
 @click.option("--axis", type=click.IntRange(0, 2), default=None,
               help="Volumes: the low-resolution voxel axis [default: the one with the largest spacing].")
+@click.option("--encoders", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Overlap reading, upscaling and writing: N encoder processes build and write outputs (JPEG 2000, "
+                   "PNG) while the engine upscales the next image (medsr.pipeline); 0: one file after another.")
 @logging_options
 def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str | None, triton_url: str | None,
          tile: int | None, overlap: int | None, batch: int | None, runtime: str, device: str, precision: str | None,
          compile_: bool, overwrite: bool, max_pixels: int | None, dicom_syntax: str | None, ray_address: str | None,
-         workers: int | None, factor: float | None, spacing: float | None, axis: int | None,
+         workers: int | None, factor: float | None, spacing: float | None, axis: int | None, encoders: int,
          log: LogOptions) -> None:
     """Upscale INPUTS (files or folders, recursive) into the -o folder, keeping format and bit depth.
 
@@ -175,7 +178,7 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
             raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
         ran.append(up.describe())
         click.echo(f"medsr-infer: running {ran[-1]}", err=True)
-        interrupted = _run_local(up, gwalk.jobs, summary, overwrite, limit, dicom_syntax, quiet)
+        interrupted = _run_local(up, gwalk.jobs, summary, overwrite, limit, dicom_syntax, quiet, encoders)
         summary.megapixels += up.lr_pixels / 1e6
         if interrupted:
             break
@@ -183,15 +186,18 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
 
 
 def _run_local(up: object, jobs: list[Job], summary: Summary, overwrite: bool, limit: int, dicom_syntax: str | None,
-               quiet: bool) -> str | None:
-    """Upscale ``jobs`` with ``up`` in this process, counting into ``summary``; the interruption message if the
-    run was interrupted (SIGINT/SIGTERM), else None."""
+               quiet: bool, encoders: int = 0) -> str | None:
+    """Upscale ``jobs`` with ``up`` in this process (``encoders`` > 0: the overlapped pipeline), counting into
+    ``summary``; the interruption message if the run was interrupted (SIGINT/SIGTERM), else None."""
     from tqdm import tqdm
 
     files_bar = tqdm(jobs, desc="files", unit="file", disable=quiet, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=quiet, position=1, leave=False)
     interrupted: str | None = None
-    for job in files_bar:
+    if encoders:  # the overlapped pipeline: same rules, same summary
+        interrupted = _run_pipeline(up, jobs, summary, files_bar, tiles_bar, overwrite, limit, dicom_syntax, encoders)
+        jobs = []
+    for job in files_bar if not encoders else ():
         try:
             up.upscale_file(job.src, job.dst, overwrite=overwrite, max_pixels=limit,  # type: ignore[attr-defined]
                             progress=_bar_progress(tiles_bar), dicom_syntax=dicom_syntax)
@@ -211,6 +217,30 @@ def _run_local(up: object, jobs: list[Job], summary: Summary, overwrite: bool, l
     tiles_bar.close()
     files_bar.close()
     return interrupted
+
+
+def _run_pipeline(up: object, jobs: list[Job], summary: Summary, files_bar: object, tiles_bar: object,
+                  overwrite: bool, max_pixels: int, dicom_syntax: str | None, encoders: int) -> str | None:
+    """medsr-infer --encoders N: medsr.pipeline.run_pipeline, outcomes counted into ``summary``; the
+    interruption message when stopped."""
+    from medsr.pipeline import FAILED, SKIPPED, PipelineOptions, run_pipeline
+
+    run = run_pipeline(up, [(j.src, j.dst) for j in jobs], overwrite=overwrite, max_pixels=max_pixels,  # type: ignore[arg-type]
+                       dicom_syntax=dicom_syntax, options=PipelineOptions(encoders=encoders),
+                       progress=_bar_progress(tiles_bar))
+    try:
+        for o in run:
+            files_bar.update(1)  # type: ignore[attr-defined]
+            if o.status == SKIPPED:
+                summary.skipped += 1
+            elif o.status == FAILED:
+                summary.failed.append((o.src, o.message))  # reported once, with the summary
+            else:
+                summary.written += 1
+    except KeyboardInterrupt as e:
+        run.close()
+        return f"interrupted ({e or 'SIGINT'}); files being written were abandoned (no partial outputs)"
+    return None
 
 
 def _choose_models(jobs: list[Job]) -> list[tuple[Job, Any]]:

@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: every CLI's runtime and precision choices (medsr.runtime.engines.RUNTIMES, medsr.runtime.contract.PRECISIONS)
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8")
 #: loggers of libraries medsr uses: warnings only, unless -v
 THIRD_PARTY_LOGGERS = ("ray", "ray.data", "ray.train", "openjpeg", "pynetdicom", "pydicom", "urllib3", "filelock",
                        "matplotlib", "PIL", "openvino")
@@ -116,7 +116,8 @@ RUNTIME_HELP = ("Inference engine; auto: from the file type (.xml: OpenVINO, .on
                 "weights: OpenVINO on a CPU when installed, else PyTorch).")
 PRECISION_HELP = ("Default: weights on a CPU run OpenVINO bf16 where the CPU computes bf16 natively, else fp32; "
                   "weights on CUDA fp32; .onnx/.plan/.xml the file's own. fp16 and tf32 need CUDA. Another one is "
-                  "honoured or refused (the refusal names what this machine can run), never ignored.")
+                  "honoured or refused (the refusal names what this machine can run), never ignored. int8: an int8 OpenVINO IR "
+                  "(medsr-export --openvino-int8; measured and not chosen automatically: docs/benchmarks.md).")
 
 
 def device_option(*, default: str | None = "auto", help: str = "auto (CUDA when available), cpu, cuda or cuda:N.") \

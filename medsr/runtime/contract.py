@@ -55,8 +55,9 @@ def default_halo(overlap: int) -> int:
 DEFAULT_MAX_BATCH = 8
 
 #: precisions a caller may ask for. ``fp32`` is true IEEE float32 (TF32 off on CUDA); ``tf32`` allows
-#: TensorFloat-32 matmul/conv on Ampere+ GPUs; ``fp16``/``bf16`` as named.
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+#: TensorFloat-32 matmul/conv on Ampere+ GPUs; ``fp16``/``bf16`` as named; ``int8``: an int8-quantized
+#: OpenVINO IR on the CPU (medsr-export --openvino-int8).
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8")
 
 # ----------------------------------------------------------------------------------- file kinds
 

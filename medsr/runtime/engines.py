@@ -12,6 +12,7 @@ exists (``x.onnx`` <-> ``x.fp16.onnx``) and is refused otherwise; it is never si
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,70 @@ def auto_runtime(path: str | os.PathLike[str], device: str | Any = "auto", preci
     return "torch"
 
 
-def auto_precision(runtime: str, precision: str | None) -> str | None:
+@dataclass(frozen=True)
+class Int8Verdict:
+    """One measured int8-vs-fp32 comparison on the evaluation set (``medsr-eval``): the data the automatic CPU
+    precision rule reads. ``accepted`` only when PSNR and SSIM stay within :data:`INT8_LIMITS` of fp32 and the
+    int8 output passes the 16-bit round trip."""
+
+    model: str
+    setting: str  # how int8 was made and evaluated
+    fp32: tuple[float, float]  # PSNR dB, SSIM (mean over the evaluation images)
+    int8: tuple[float, float]
+    roundtrip16: bool
+    speedup: float  # int8 over fp32 OpenVINO, ms/tile of one medsr-bench run (benchmarks/results/cpu-int8-avx2)
+    cpu: str
+
+    @property
+    def accepted(self) -> bool:
+        dpsnr, dssim = self.fp32[0] - self.int8[0], self.fp32[1] - self.int8[1]
+        return dpsnr <= INT8_LIMITS[0] and dssim <= INT8_LIMITS[1] and self.roundtrip16
+
+    def why(self) -> str:
+        d = (self.int8[0] - self.fp32[0], self.int8[1] - self.fp32[1])
+        verdict = "accepted" if self.accepted else "rejected"
+        return (f"int8 {verdict}: {d[0]:+.2f} dB PSNR / {d[1]:+.4f} SSIM vs fp32 on the evaluation set "
+                f"(limit {INT8_LIMITS[0]} dB / {INT8_LIMITS[1]})")
+
+
+#: how far int8 may fall below fp32 on the evaluation set (PSNR dB, SSIM) to be chosen automatically
+INT8_LIMITS = (0.05, 0.001)
+
+#: measured verdicts per model (medsr-eval /work/shared/data/cxr, 12 chest X-rays, GT resized to 512 px, x4,
+#: OpenVINO 2026.4 + NNCF 3.4; int8 calibrated on 100 crops of 64 px from cxr-train, MIXED preset, first /
+#: upsampling / HR / last convolutions kept in fp32 (medsr.export.int8.KEEP_FP32); 2-core AMD EPYC Zen3, AVX2,
+#: no AVX-512, loaded machine). Speed (medsr-bench, tile 128, same run): int8 2472 ms/tile vs fp32 2638 (1.07x:
+#: the fp32-kept convolutions run at 2x and 4x resolution and hold most of the FLOPs). All-convolutions int8
+#: (PERFORMANCE preset, 300 crops) was faster (2.58 vs 4.77 s/img in medsr-eval) but far worse: 22.79 dB /
+#: 0.8650. A model without an entry never runs int8 automatically.
+INT8_VERDICTS: dict[str, Int8Verdict] = {
+    "medsr-cxr-x4": Int8Verdict(
+        model="medsr-cxr-x4", setting="NNCF MIXED, 100 cxr-train crops, KEEP_FP32; medsr-eval --size 512",
+        fp32=(33.99, 0.9048), int8=(33.18, 0.9008), roundtrip16=True, speedup=2637.58 / 2472.04,
+        cpu="AMD EPYC (Zen3) 2 cores, AVX2/FMA, no AVX-512, no native bf16; machine loaded",
+    ),
+}
+
+
+def int8_verdict(model_id: str) -> Int8Verdict | None:
+    return INT8_VERDICTS.get(model_id)
+
+
+def auto_precision(runtime: str, precision: str | None, model_id: str | None = None) -> str | None:
     """The precision of the automatic CPU path when none is asked: OpenVINO bf16 on a CPU that computes bf16
-    natively (AVX512-BF16 / AMX), OpenVINO fp32 elsewhere. bf16 is the fastest CPU path within 0.5/255 mean
-    error of fp32 with an exact 16-bit round trip (benchmarks/results/cpu-cxr-x4: 2.0x fp32, mean error
-    0.25/255, 58 dB); ``precision="fp32"`` keeps IEEE fp32. Other runtimes: ``precision`` unchanged."""
+    natively (AVX512-BF16 / AMX); elsewhere int8 only where :data:`INT8_VERDICTS` accepts it for the model
+    (fidelity measured on the evaluation set; no model is accepted today, see the table), else fp32.
+    bf16 is the fastest CPU path within 0.5/255 mean error of fp32 with an exact 16-bit round trip
+    (benchmarks/results/cpu-cxr-x4: 2.0x fp32, mean error 0.25/255, 58 dB); ``precision="fp32"`` keeps IEEE
+    fp32. Other runtimes: ``precision`` unchanged."""
     if precision is not None or runtime != "openvino":
         return precision
     from medsr.runtime.openvino_backend import native_bf16
 
-    return "bf16" if native_bf16() else "fp32"
+    if native_bf16():
+        return "bf16"
+    v = int8_verdict(model_id or "")
+    return "int8" if v is not None and v.accepted else "fp32"
 
 
 def machine_precisions(runtime: str = "auto", device: str | Any = "auto") -> tuple[str, ...]:
@@ -101,11 +156,14 @@ def check_machine_precision(runtime: str, device: str | Any, precision: str | No
         )
 
 
-def precision_reason() -> str:
+def precision_reason(model_id: str | None = None) -> str:
     """Why :func:`auto_precision` picks what it picks for OpenVINO on this CPU (for the run's log line)."""
     from medsr.runtime.openvino_backend import native_bf16
 
-    return "native bf16" if native_bf16() else "no native bf16"
+    if native_bf16():
+        return "native bf16"
+    v = int8_verdict(model_id or "")
+    return "no native bf16; " + (v.why() if v is not None else "int8 not evaluated for this model")
 
 
 def _open_onnx(path: Path, precision: str | None, **kwargs: Any) -> Backend:

@@ -63,7 +63,7 @@ class TorchBackend(Backend):
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         channels_last: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         *,
         descriptor: ModelDescriptor | None = None,
     ) -> None:
@@ -75,6 +75,8 @@ class TorchBackend(Backend):
             raise BackendError("the model has no .descriptor: pass descriptor=ModelDescriptor(...)")
         self.descriptor = desc
         cuda = self.device.type == "cuda"
+        if precision == "int8":
+            raise BackendError("int8 runs on OpenVINO from a quantized IR (medsr-export --openvino-int8), not on PyTorch")
         if precision == "tf32" and not cuda:
             raise BackendError(f"precision 'tf32' is a CUDA (Ampere+) mode; on this CPU use {cpu_precisions()}")
         if precision == "fp16":
@@ -106,7 +108,8 @@ class TorchBackend(Backend):
             self._in_dtype = torch.float32
         self._net = net
         self._autocast = torch.bfloat16 if precision == "bf16" else None
-        self._forward = torch.compile(net) if compile else net
+        # compile: True = torch.compile's default mode; a mode name, e.g. "reduce-overhead" (CUDA graphs)
+        self._forward = torch.compile(net, mode=compile if isinstance(compile, str) else None) if compile else net
         self._fallback: TorchBackend | None = None
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
