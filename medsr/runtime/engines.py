@@ -55,9 +55,12 @@ def _open_onnx(path: Path, precision: str | None, **kwargs: Any) -> Backend:
     from medsr.runtime.onnx_backend import OnnxRuntimeBackend
 
     if precision not in (None, "fp32", "fp16"):
+        from medsr.runtime.openvino_backend import native_bf16
+
+        bf16 = "use --runtime openvino for bf16 on this CPU, or " if native_bf16() else "this CPU has no native bf16; use "
         raise BackendError(
             f"{path}: ONNX Runtime runs the precision baked into the ONNX (fp32 or fp16), not {precision!r}; "
-            "use --runtime openvino for bf16 on CPU, or PyTorch weights for tf32/bf16"
+            f"{bf16}PyTorch weights on CUDA for tf32/bf16"
         )
     backend = OnnxRuntimeBackend(path, **kwargs)
     if precision is None or backend.precision == precision:
