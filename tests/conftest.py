@@ -115,3 +115,15 @@ def make_cr(
     ds.SmallestImagePixelValue = 0
     ds.set_pixel_data(px, photometric, bits_stored, generate_instance_uid=False)
     return ds
+
+
+#: whole files in the quick development subset (``pytest -m quick``, README): unit tests without real servers,
+#: real-size models or subprocess runs; single tests elsewhere carry ``@pytest.mark.quick`` themselves
+QUICK_FILES = frozenset({"test_io.py", "test_tiling.py", "test_arch.py", "test_cli_infer.py",
+                         "test_structure.py", "test_cli_options.py", "test_provenance.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in QUICK_FILES:
+            item.add_marker(pytest.mark.quick)

@@ -148,3 +148,23 @@ def test_fp16_refusal_on_cpu_suggests_only_what_this_cpu_runs() -> None:
     text = cpu_precisions()
     assert "fp32" in text
     assert ("'bf16'" in text) == native_bf16()
+
+
+def test_infer_without_q_into_a_file_has_no_bars_and_one_line_per_failure(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+    import torch
+    from conftest import tiny_rrdb
+
+    w = tmp_path / "tiny.pth"
+    torch.save({"params_ema": tiny_rrdb(4, 3).state_dict()}, w)
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "ok.png"), np.full((8, 8), 90, np.uint8))
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    res = CliRunner().invoke(_main("infer"), ["--device", "cpu", "--runtime", "torch", "--tile", "16", "--overlap",
+                                              "4", "--model", str(w), str(src), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1, res.output
+    assert "\r" not in res.output and "\x1b[" not in res.output  # stderr is not a terminal: no tqdm bars
+    assert res.output.count("bad.png") == 1 and "1 written" in res.output  # the failure once, with the summary
+    assert res.stdout == ""  # everything on stderr

@@ -102,8 +102,12 @@ def test_onnx_precision_is_honoured_or_refused(onnx_pair: tuple[torch.nn.Module,
     assert open_backend(d / "m.fp16.onnx", precision="fp32").path.name == "m.onnx"
     with pytest.raises(BackendError, match=r"alone.onnx: this ONNX model is fp32 and no fp16 sibling .*medsr-export --fp16"):
         open_backend(d / "alone.onnx", precision="fp16")
-    with pytest.raises(BackendError, match="precision baked into the ONNX"):
+    with pytest.raises(BackendError, match="precision baked into the ONNX") as refused:
         open_backend(d / "m.onnx", precision="bf16")
+    from medsr.runtime.openvino_backend import native_bf16
+
+    # the refusal suggests bf16 on OpenVINO only where this CPU computes bf16 natively
+    assert ("--runtime openvino for bf16" in str(refused.value)) == native_bf16()
     up = Upscaler.from_engine(d / "m.onnx")
     assert up.model_id == "tiny" and up.weights_sha256 == "ab" * 32  # from the metadata: identity travels
 

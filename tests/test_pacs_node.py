@@ -243,6 +243,9 @@ def test_cli_node_sigkill_mid_run_then_restart_loses_nothing(tmp_path: Path) -> 
             assert stop_process(proc, signal.SIGTERM) == 0
             text = log.read_text()
             assert "spool: resuming" in text and "stopped:" in text
+            # the node says what it is doing while it loads, then when it is ready; openjpeg's chatter stays quiet
+            assert "loading model" in text and "model loaded in" in text and "ready in" in text
+            assert "tile number" not in text
             assert "Traceback" not in text and "SECRET" not in text
             left = [p for d in ("incoming", "claimed", "outgoing") for p in (tmp_path / "spool" / d).glob("*.dcm")]
             assert not left
