@@ -112,3 +112,24 @@ DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 SUPPORTED_SUFFIXES: set[str] = set(RASTER_SUFFIXES) | set(DICOM_SUFFIXES)
 #: suffix used by :func:`output_suffix` per format
 DEFAULT_SUFFIX: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
+
+
+# ------------------------------------------------------------------------------------ signatures
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Format from the first 132+ bytes of a file, or None when no signature matches. ``DICM`` at
+    offset 128 wins: a DICOM preamble may itself hold a TIFF header (dual-format files)."""
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return None

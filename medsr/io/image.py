@@ -58,23 +58,7 @@ def _suffix_agrees(fmt: str, suffix: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ reading
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-def sniff_format(head: bytes) -> str | None:
-    """Format from the first 132+ bytes of a file, or None when no signature matches. ``DICM`` at
-    offset 128 wins: a DICOM preamble may itself hold a TIFF header (dual-format files)."""
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] in _TIFF_MAGIC:
-        return "tiff"
-    if head[128:132] == b"DICM":
-        return "dicom"
-    return None
+from medsr.io.base import _TIFF_MAGIC, sniff_format  # noqa: E402  (re-exported: the signatures live in base)
 
 
 def check_regular_file(p: Path) -> None:

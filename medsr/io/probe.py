@@ -151,7 +151,7 @@ def header_kind(path: str | Path) -> dict[str, object]:
     For model choice (``medsr.runtime.choice``). Never raises for unreadable files: what cannot be read
     stays unknown, and the reader reports the problem when the file is upscaled.
     """
-    from medsr.io.image import sniff_format
+    from medsr.io.base import sniff_format
 
     p = Path(path)
     out: dict[str, object] = {"format": None, "channels": 0, "modality": "", "sop_class_uid": ""}
