@@ -193,6 +193,23 @@ def _describe(prov: dict[str, str] | dict[str, str | None]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def start_run(walk: Walk, input_files: set[Path], skipped: int = 0) -> tuple[Summary, list[Job], list[Path]]:
+    """Before the first file (local or Ray): the run's Summary (``walk.failed`` and ``skipped`` counted), the jobs
+    that run (an output that would overwrite an input fails instead), and the temporary files of runs killed
+    mid-write that were removed from the output folders."""
+    from medsr.fsutil import remove_stale_temps
+
+    summary = Summary(skipped=skipped, failed=list(walk.failed))
+    jobs = []
+    for job in walk.jobs:
+        if job.dst.resolve() in input_files:
+            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
+        else:
+            jobs.append(job)
+    stale = [p for folder in sorted({j.dst.parent for j in jobs}) for p in remove_stale_temps(folder)]
+    return summary, jobs, stale
+
+
 def summary_lines(s: Summary, ignored: list[tuple[Path, str]], seconds: float, outdir: Path,
                   prog: str = "medsr-infer", ran: str = "", unit: str = "") -> list[str]:
     """The end of a run, one line each: ignored files, the counts (and what ran), then one line per failure.

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from medsr.batch import Job, Summary, Walk, collect_jobs, sort_existing, summary_lines
+from medsr.batch import Job, Summary, Walk, collect_jobs, sort_existing, start_run, summary_lines
 from medsr.cli.options import (
     LogOptions,
     logging_options,
@@ -294,21 +294,12 @@ def _run_volumes(jobs: list, spec: str | None, runtime: str, precision: str | No
 
 
 def _start_run(walk: Walk, input_files: set[Path], skipped: int = 0) -> tuple[Summary, list[Job]]:
-    """What every run does before the first file (local or Ray): outputs that would overwrite an input
-    fail, temps of runs killed mid-write are removed, and SIGTERM (a service stop, `kill`) ends the run
-    like Ctrl-C (the file being written is abandoned cleanly, the exit status is non-zero)."""
-    from medsr.fsutil import remove_stale_temps
-
-    summary = Summary(skipped=skipped, failed=list(walk.failed))
-    jobs = []
-    for job in walk.jobs:
-        if job.dst.resolve() in input_files:
-            summary.failed.append((job.src, f"output {job.dst} would overwrite an input; choose another -o"))
-        else:
-            jobs.append(job)
-    for folder in sorted({j.dst.parent for j in jobs}):
-        for stale in remove_stale_temps(folder):
-            click.echo(f"  removed stale temporary file of an interrupted run: {stale}", err=True)
+    """What every run does before the first file (local or Ray): :func:`medsr.batch.start_run` (outputs that would
+    overwrite an input fail, temps of runs killed mid-write are removed), and SIGTERM (a service stop, `kill`)
+    ends the run like Ctrl-C (the file being written is abandoned cleanly, the exit status is non-zero)."""
+    summary, jobs, stale = start_run(walk, input_files, skipped)
+    for path in stale:
+        click.echo(f"  removed stale temporary file of an interrupted run: {path}", err=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     return summary, jobs
 
