@@ -96,7 +96,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
     walk = collect_jobs(list(inputs), outdir, exclude=vwalk.exclude if vwalk else frozenset())
     if vwalk and vwalk.jobs:
         if triton_url:
-            raise click.UsageError("volumes run locally or with --ray: --triton applies to 2D images (docs/volumes.md)")
+            raise click.UsageError("volumes run locally or with --ray: --triton applies to 2D images (docs/scale.md)")
         if factor is not None and spacing is not None:
             raise click.UsageError("give --factor or --spacing, not both")
         t0 = time.perf_counter()
