@@ -191,7 +191,7 @@ def test_ray_volumes_equal_the_local_cli(local_ray, tmp_path: Path, tiny_x1: Pat
 
     (tmp_path / "vols" / "iso.nii.gz").unlink()
     os.utime(ray_out / "b_thick.nii", ns=(1, 1))  # marks the file: a skip leaves it untouched
-    code, text = _infer(*args, "-o", "ray", "--ray")
+    code, text = _infer("--model", "no-such-model", *args[2:], "-o", "ray", "--ray")  # as locally: no model needed
     assert code == 0 and _summary(text) == (
         "medsr-infer: 0 written, 3 skipped (exist), 0 failed, 0 ignored (not images or not regular files)"), text
     assert (ray_out / "b_thick.nii").stat().st_mtime_ns == 1 and "volumes run on Ray" not in text

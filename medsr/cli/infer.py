@@ -234,8 +234,9 @@ def _run_volumes_ray(jobs: list, spec: str | None, runtime: str, precision: str 
     from medsr.volumes.upscaler import DEFAULT_VOLUME_MODEL
     from medsr.weights import WeightsError, check_spec
 
-    try:  # on the driver: a wrong name fails here, not as dying actors
-        check_spec(spec or DEFAULT_VOLUME_MODEL)
+    try:  # on the driver: a wrong name fails here, not as dying actors (as locally: only if a volume needs it)
+        if any(overwrite or not j.dst.exists() for j in jobs):
+            check_spec(spec or DEFAULT_VOLUME_MODEL)
     except WeightsError as e:
         click.echo(f"medsr-infer: cannot load the volume model: {e}", err=True)
         sys.exit(2)
