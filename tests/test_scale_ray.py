@@ -53,7 +53,7 @@ def _infer(*args: str) -> tuple[int, str]:
 
 
 def _summary(out: str) -> str:
-    line = next(ln for ln in out.splitlines() if ln.startswith("medsr-infer: "))
+    line = next(ln for ln in out.splitlines() if ln.startswith("medsr-infer: ") and " written, " in ln)
     return line.split(";")[0]
 
 
@@ -120,3 +120,91 @@ def test_a_pool_that_cannot_fit_is_refused(local_ray, tmp_path: Path, weights: P
 def test_workers_needs_ray(tmp_path: Path, weights: Path) -> None:
     code, text = _infer("--model", str(weights), str(_folder(tmp_path)), "-o", str(tmp_path / "o"), "--workers", "2")
     assert code == 2 and "--workers applies to --ray" in text
+
+
+# --- volumes on Ray: one volume per actor call, compared with the local volume path ---------------------------
+
+
+@pytest.fixture
+def tiny_x1(tmp_path: Path) -> Path:
+    from medsr.arch import RRDBNet
+
+    torch.manual_seed(0)
+    p = tmp_path / "tiny_x1.pth"
+    torch.save({"params_ema": RRDBNet(1, 1, 1, num_feat=8, num_block=1, num_grow_ch=4).state_dict()}, p)
+    return p
+
+
+def _volumes(root: Path) -> Path:
+    """vols/: two thick-slice NIfTI volumes, an isotropic one (refused without --factor), a CT series folder."""
+    nib = pytest.importorskip("nibabel")
+    from test_volumes_io import make_series
+
+    vols = root / "vols"
+    vols.mkdir()
+    rng = np.random.default_rng(4)
+    for name, shape, zooms, dtype in (("a_thick.nii.gz", (20, 18, 6), (1.0, 1.0, 3.0), np.int16),
+                                      ("b_thick.nii", (16, 22, 5), (0.8, 0.8, 1.6), np.float32),
+                                      ("iso.nii.gz", (12, 12, 12), (1.0, 1.0, 1.0), np.int16)):
+        aff = np.diag([*zooms, 1.0])
+        aff[:3, 3] = [-9.0, 4.0, 30.0]
+        nib.save(nib.Nifti1Image((rng.random(shape) * 1000).astype(dtype), aff), str(vols / name))
+    make_series(vols / "ct_series", n=5, rows=24, cols=28, step=(0, 0, 3.0), spacing=(1.5, 1.5))
+    return vols
+
+
+@pytest.mark.timeout(600)  # a hang guard: a worker process starts and imports torch (slow on a loaded machine)
+def test_ray_volumes_equal_the_local_cli(local_ray, tmp_path: Path, tiny_x1: Path, monkeypatch) -> None:
+    """Relative paths (the workers do not share the driver's working directory), NIfTI and a DICOM series: the
+    same files, voxels, affines, UIDs and summary as the local run; the isotropic volume fails both; --overwrite
+    replaces an existing output, a re-run without it skips them all (without starting a worker)."""
+    import nibabel as nib
+    import pydicom
+
+    _volumes(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ("--model", str(tiny_x1), "vols", "--dicom-syntax", "explicit-le")
+    code_l, out_l = _infer(*args, "-o", "local")
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    ray_out.mkdir()
+    (ray_out / "b_thick.nii").write_bytes(b"stale output of an older run")
+    code_r, out_r = _infer(*args, "-o", "ray", "--ray", "--overwrite")
+    assert code_l == code_r == 1, (out_l, out_r)
+    assert _summary(out_r) == _summary(out_l) == (
+        "medsr-infer: 3 written, 0 skipped (exist), 1 failed, 0 ignored (not images or not regular files)")
+    assert "isotropic" in out_r and "iso.nii.gz" in out_r and "FAILED" in out_r
+    assert "volumes run on Ray" in out_r and "factor 3" in out_r  # the actor's plan line reaches the driver
+    files_l = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    files_r = sorted(p.relative_to(ray_out) for p in ray_out.rglob("*") if p.is_file())
+    assert files_l == files_r and len(files_l) == 2 + 10, files_r  # 2 NIfTI + 5 slices x factor 2, no temp files
+    for rel in ("a_thick.nii.gz", "b_thick.nii"):
+        il, ir = nib.load(str(local / rel)), nib.load(str(ray_out / rel))
+        assert ir.shape == il.shape and ir.get_data_dtype() == il.get_data_dtype()
+        assert np.array_equal(np.asanyarray(il.dataobj), np.asanyarray(ir.dataobj)), rel
+        assert np.array_equal(il.affine, ir.affine), rel
+    assert nib.load(str(ray_out / "a_thick.nii.gz")).shape == (20, 18, 18)
+    dcm = [p for p in files_l if p.suffix == ".dcm"]
+    assert len(dcm) == 10
+    for rel in dcm:
+        dl, dr = pydicom.dcmread(local / rel), pydicom.dcmread(ray_out / rel)
+        assert (dl.SOPInstanceUID, dl.SeriesInstanceUID) == (dr.SOPInstanceUID, dr.SeriesInstanceUID)
+        assert np.array_equal(dl.pixel_array, dr.pixel_array) and dl.ImagePositionPatient == dr.ImagePositionPatient
+
+    (tmp_path / "vols" / "iso.nii.gz").unlink()
+    os.utime(ray_out / "b_thick.nii", ns=(1, 1))  # marks the file: a skip leaves it untouched
+    code, text = _infer("--model", "no-such-model", *args[2:], "-o", "ray", "--ray")  # as locally: no model needed
+    assert code == 0 and _summary(text) == (
+        "medsr-infer: 0 written, 3 skipped (exist), 0 failed, 0 ignored (not images or not regular files)"), text
+    assert (ray_out / "b_thick.nii").stat().st_mtime_ns == 1 and "volumes run on Ray" not in text
+
+
+def test_ray_volumes_never_write_over_an_input_and_refuse_a_2d_model(local_ray, tmp_path: Path) -> None:
+    vols = _volumes(tmp_path)
+    before = (vols / "a_thick.nii.gz").read_bytes()
+    code, text = _infer("--model", "medsr-cxr-x4-fast", str(vols / "a_thick.nii.gz"), "-o", str(vols), "--ray")
+    assert code == 1 and "would overwrite an input" in text, text
+    assert (vols / "a_thick.nii.gz").read_bytes() == before
+    code, text = _infer("--model", "medsr-cxr-x4-fast", str(vols / "a_thick.nii.gz"), "-o", str(tmp_path / "o"),
+                        "--ray")
+    assert code == 2 and "cannot load the volume model" in text and "x1 through-plane model" in text, text
+    assert "Traceback" not in text and not (tmp_path / "o" / "a_thick.nii.gz").exists()

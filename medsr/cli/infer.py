@@ -97,13 +97,17 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
     vres: tuple[int, int, list[tuple[Path, str]]] = (0, 0, [])
     walk = collect_jobs(list(inputs), outdir, exclude=vwalk.exclude if vwalk else frozenset())
     if vwalk and vwalk.jobs:
-        if ray_address is not None or triton_url:
-            raise click.UsageError("volumes run locally: --ray and --triton apply to 2D images (docs/volumes.md)")
+        if triton_url:
+            raise click.UsageError("volumes run locally or with --ray: --triton applies to 2D images (docs/scale.md)")
         if factor is not None and spacing is not None:
             raise click.UsageError("give --factor or --spacing, not both")
         t0 = time.perf_counter()
-        vres = _run_volumes(vwalk.jobs, engine or model, runtime, precision, device, config, overwrite, factor,
-                            spacing, axis, dicom_syntax, quiet)
+        if ray_address is not None:  # one volume per actor call (medsr.scale.ray_volumes)
+            vres = _run_volumes_ray(vwalk.jobs, engine or model, runtime, precision, device, config, overwrite,
+                                    factor, spacing, axis, dicom_syntax, quiet, ray_address, workers, outdir)
+        else:
+            vres = _run_volumes(vwalk.jobs, engine or model, runtime, precision, device, config, overwrite, factor,
+                                spacing, axis, dicom_syntax, quiet)
         if not walk.jobs and not walk.failed:
             summary = Summary(written=vres[0], skipped=vres[1], failed=vres[2])
             _finish(summary, walk.ignored, time.perf_counter() - t0, outdir, None, unit="volumes")
@@ -157,7 +161,8 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
             load = LoadSpec(spec, runtime, device, precision, config, dicom_syntax)
             gwalk.failed = summary.failed
             _run_ray(gwalk, input_files, load, RayOptions(None if ray_address == "local" else ray_address, workers),
-                     overwrite, limit, quiet, outdir, verbose=log.verbose > 0, skipped=summary.skipped)
+                     overwrite, limit, quiet, outdir, verbose=log.verbose > 0, skipped=summary.skipped,
+                     written=summary.written)
         try:
             if triton_url:
                 from medsr.api import Upscaler
@@ -293,6 +298,61 @@ def _run_volumes(jobs: list, spec: str | None, runtime: str, precision: str | No
                            dicom_syntax=dicom_syntax, log=lambda m: click.echo(m, err=True), progress=progress)
 
 
+def _run_volumes_ray(jobs: list, spec: str | None, runtime: str, precision: str | None, device: str,  # type: ignore[type-arg]
+                     config: object, overwrite: bool, factor: float | None, spacing: float | None, axis: int | None,
+                     dicom_syntax: str | None, quiet: bool, ray_address: str, workers: int | None,
+                     outdir: Path) -> tuple[int, int, list[tuple[Path, str]]]:
+    """The volume jobs on Ray (medsr.scale.ray_volumes): one volume per actor call, written by the actor;
+    same rules, counts and messages as :func:`_run_volumes`."""
+    from tqdm import tqdm
+
+    from medsr.scale import ray_volumes
+    from medsr.scale.ray_batch import LoadSpec, RayOptions
+    from medsr.volumes.upscaler import DEFAULT_VOLUME_MODEL
+    from medsr.weights import WeightsError, check_spec
+
+    try:  # on the driver: a wrong name fails here, not as dying actors (as locally: only if a volume needs it)
+        if any(overwrite or not j.dst.exists() for j in jobs):
+            check_spec(spec or DEFAULT_VOLUME_MODEL)
+    except WeightsError as e:
+        click.echo(f"medsr-infer: cannot load the volume model: {e}", err=True)
+        sys.exit(2)
+    for j in jobs:
+        click.echo(f"medsr-infer: detected {j.description} in {j.src}: one volume", err=True)
+    load = LoadSpec(spec, runtime, device, precision, config, dicom_syntax)
+    options = RayOptions(None if ray_address == "local" else ray_address, workers)
+    summary = Summary()
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="volumes (ray)", unit="volume", disable=quiet)
+    try:
+        for r in ray_volumes.run(jobs, load, options, overwrite=overwrite, factor=factor, spacing=spacing, axis=axis,
+                                 quiet=quiet, log=lambda m: click.echo(f"medsr-infer: {m}", err=True)):
+            bar.update(1)
+            for line in r["log"]:
+                tqdm.write(line, file=sys.stderr)
+            if r["status"] == ray_volumes.WRITTEN:
+                summary.written += 1
+            elif r["status"] == ray_volumes.SKIPPED:
+                summary.skipped += 1
+            else:
+                summary.failed.append((r["src"], r["message"]))
+    except KeyboardInterrupt as e:
+        bar.close()
+        _finish(summary, [], time.perf_counter() - t0, outdir,
+                f"interrupted ({e or 'SIGINT'}); volumes being written were abandoned (no partial outputs)",
+                unit="volumes")
+    except ray_volumes.LoadFailed as e:  # one clear line: missing weights, a 2D model, no runtime
+        bar.close()
+        click.echo(f"medsr-infer: cannot load the volume model: {_short(e)}", err=True)
+        sys.exit(2)
+    except Exception as e:  # Ray itself failed (no cluster, a pool that does not fit)
+        bar.close()
+        click.echo(f"medsr-infer: the Ray run failed: {_short(e)}", err=True)
+        sys.exit(2)
+    bar.close()
+    return summary.written, summary.skipped, summary.failed
+
+
 def _start_run(walk: Walk, input_files: set[Path], skipped: int = 0) -> tuple[Summary, list[Job]]:
     """What every run does before the first file (local or Ray): :func:`medsr.batch.start_run` (outputs that would
     overwrite an input fail, temps of runs killed mid-write are removed), and SIGTERM (a service stop, `kill`)
@@ -317,13 +377,15 @@ def _finish(summary: Summary, ignored: list[tuple[Path, str]], dt: float, outdir
 
 
 def _run_ray(walk: Walk, input_files: set[Path], load: object, options: object, overwrite: bool,
-             max_pixels: int, quiet: bool, outdir: Path, verbose: bool = False, skipped: int = 0) -> None:
+             max_pixels: int, quiet: bool, outdir: Path, verbose: bool = False, skipped: int = 0,
+             written: int = 0) -> None:
     """The same job on Ray Data (medsr.scale.ray_batch); same guarantees, summary and exit status."""
     from tqdm import tqdm
 
     from medsr.scale import ray_batch
 
     summary, jobs = _start_run(walk, input_files, skipped)
+    summary.written = written  # volumes of a mixed run
     t0 = time.perf_counter()
     interrupted: str | None = None
     bar = tqdm(total=len(jobs), desc="files (ray)", unit="file", disable=quiet)

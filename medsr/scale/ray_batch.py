@@ -148,9 +148,9 @@ def connect(options: RayOptions, quiet: bool = True) -> bool:
 IO_TASK_CPUS = 0.25
 
 
-def _pool_size(options: RayOptions, device: str) -> tuple[int, float]:
-    """(actors, GPUs per actor). The actors must leave CPU for the read and write tasks, else the pipeline
-    would wait forever: a pool that does not fit is refused (ValueError)."""
+def _pool_size(options: RayOptions, device: str, io_cpus: float = 2 * IO_TASK_CPUS) -> tuple[int, float]:
+    """(actors, GPUs per actor). The actors must leave ``io_cpus`` for the read and write tasks, else the
+    pipeline would wait forever: a pool that does not fit is refused (ValueError)."""
     import ray
 
     res = ray.cluster_resources()
@@ -163,10 +163,11 @@ def _pool_size(options: RayOptions, device: str) -> tuple[int, float]:
         workers = max(1, int(have_gpus // gpus))
     else:
         workers = max(1, int(cpus) // 2)
-    need = workers * options.cpus_per_worker + 2 * IO_TASK_CPUS
+    need = workers * options.cpus_per_worker + io_cpus
     if need > cpus:
-        raise ValueError(f"{workers} upscale worker(s) of {options.cpus_per_worker:g} CPU each plus the read/write "
-                         f"tasks need {need:g} CPUs; the Ray cluster has {cpus:g}: use fewer --workers")
+        tasks = " plus the read/write tasks" if io_cpus else ""
+        raise ValueError(f"{workers} upscale worker(s) of {options.cpus_per_worker:g} CPU each{tasks} "
+                         f"need {need:g} CPUs; the Ray cluster has {cpus:g}: use fewer --workers")
     if gpus > 0 and workers * gpus > have_gpus:
         raise ValueError(f"{workers} upscale worker(s) of {gpus:g} GPU each need {workers * gpus:g} GPUs; "
                          f"the Ray cluster has {have_gpus:g}")
