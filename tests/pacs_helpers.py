@@ -59,13 +59,16 @@ def source(i: int, study: str = "1.2.826.0.1.3680043.8.498.999.1", h: int = 16, 
     return ds
 
 
-def expected_derived_uid(ds: Any, weights: Path | None = None) -> str:
-    """The derived SOP Instance UID: from the weights file's sha256 (a node process loading ``weights``),
-    else from the model id "tiny" (an in-process :func:`tiny_upscaler`, which has no file to hash)."""
+def expected_derived_uid(ds: Any, weights: Path | None = None, uid_root: str | None = None) -> str:
+    """The derived SOP Instance UID the node sends: the upscaler's (from the weights file's sha256 for a node
+    process loading ``weights``, else from the model id "tiny" of an in-process :func:`tiny_upscaler`), made
+    pixel-specific by the node (medsr.pacs.identity)."""
     from medsr.fsutil import sha256_file
     from medsr.io.dicom import derived_uids
+    from medsr.pacs.identity import final_uids, pixel_digest
 
-    return derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None)[0]
+    sop, series = derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None)
+    return final_uids(sop, series, pixel_digest(ds), uid_root)[0]
 
 
 def send(port: int, datasets: Iterable[Any], calling: str = "SENDER", called: str = "MEDSR",
