@@ -138,7 +138,8 @@ class Receiver:
         tempfile.tempdir = str(self.queue.tmp)  # chunked datasets land on the spool's filesystem: a link, no copy
         cap_pdu_length(max(1 << 20, 2 * max(cfg.max_pdu_size, self.config.destination.max_pdu_size)))
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
+        # pynetdicom's own limit counts silent connections too: a wide backstop behind _on_requested's limits
+        ae.maximum_associations = 4 * cfg.max_associations + 32
         ae.maximum_pdu_size = cfg.max_pdu_size
         ae.acse_timeout = cfg.acse_timeout
         ae.dimse_timeout = cfg.dimse_timeout
@@ -208,7 +209,10 @@ class Receiver:
             if ip is None or not any(ip in n for n in nets):
                 return self._reject(event, "peer_address", f"calling AE title {shown} may not connect from this "
                                     "address (listen.peers)", (0x01, 0x01, 0x03))
-        active = [a for a in list(self._server.active_associations if self._server else []) if a.is_acceptor]
+        # established associations (and this one): a silent TCP connection holds no slot (it is closed after
+        # acse_timeout), nor does a rejected one, so a flood of them cannot lock out a real sender
+        active = [a for a in list(self._server.active_associations if self._server else [])
+                  if a.is_acceptor and (a.is_established or a is assoc)]
         if len(active) > cfg.max_associations:
             return self._reject(event, "busy", f"{len(active) - 1} associations open (listen.max_associations = "
                                 f"{cfg.max_associations}); calling AE {shown}", (0x02, 0x03, 0x02))
