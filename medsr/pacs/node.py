@@ -27,7 +27,7 @@ from medsr.pacs.forward import make_forwarder
 from medsr.pacs.metrics import Metrics
 from medsr.pacs.protocol import DicomUpscaler
 from medsr.pacs.queue import WorkQueue
-from medsr.pacs.receive import Receiver
+from medsr.pacs.receive import Receiver, free_mb
 from medsr.pacs.safe import printable
 from medsr.pacs.spool import migrate_legacy
 from medsr.pacs.stages import ForwardStage, UpscaleStage
@@ -53,6 +53,7 @@ class Node:
         self.broken_reason = ""
         self._threads: list[threading.Thread] = []
         self._http: Any = None
+        self._reserve = 0
         self.started = False
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -80,6 +81,8 @@ class Node:
         self.queue = q = WorkQueue(cfg.spool.path)
         try:
             migrate_legacy(q)
+            self._reserve = int(min(8e6, self.config.listen.min_free_mb * 1e6 / 4))
+            q.ensure_reserve(self._reserve)
             resumed, dead = q.recover(cfg.spool.max_attempts)
             q.prune(cfg.spool.keep_delivered_days * 86400)
             c = q.counts()
@@ -186,6 +189,11 @@ class Node:
                 continue
             fw.record_unrecorded()
             n += 1
+            try:
+                if free_mb(q.root) > self.config.listen.min_free_mb:
+                    q.ensure_reserve(self._reserve)
+            except OSError:
+                pass
             try:
                 with up._mu, fw._mu:  # no claim can slip between the snapshot and the release
                     given = q.release_orphans(up.held_ids() | fw.held_ids(), up.backoff(min(n, 6)))

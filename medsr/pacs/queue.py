@@ -139,6 +139,9 @@ class WorkQueue:
             self.db = sqlite3.connect(self.root / "queue.db", timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            # a small write-ahead log, checkpointed often and truncated: it must fit a nearly full disk
+            self.db.execute("PRAGMA wal_autocheckpoint=64")
+            self.db.execute("PRAGMA journal_size_limit=1048576")
             self.db.executescript(_SCHEMA)
             probe = self.tmp / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
@@ -164,7 +167,30 @@ class WorkQueue:
                     self._lock_file = None
 
     # plumbing ----------------------------------------------------------------------------------
+    def ensure_reserve(self, size: int) -> None:
+        """Keep ``size`` bytes of the spool's disk in a reserve file, given up when the database finds the disk
+        full, so that forwarding (which frees space) can still record its work."""
+        p = self.root / ".reserve"
+        try:
+            if not p.exists() or p.stat().st_size < size:
+                with open(p, "wb") as f:
+                    f.write(b"\0" * size)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError:
+            p.unlink(missing_ok=True)
+
     def _tx(self, fn: Callable[[sqlite3.Connection], Any], durable: bool = False) -> Any:
+        try:
+            return self._tx1(fn, durable)
+        except SpoolFault as e:
+            reserve = self.root / ".reserve"
+            if "full" not in str(e) or not reserve.exists():
+                raise
+            reserve.unlink(missing_ok=True)  # the disk is full: give up the reserve and try once more
+            return self._tx1(fn, durable)
+
+    def _tx1(self, fn: Callable[[sqlite3.Connection], Any], durable: bool = False) -> Any:
         """One transaction. ``durable``: fsynced at commit (power-loss safe: an acknowledged instance);
         otherwise safe against a process crash, and a power loss may undo it (a claim or a delivery record:
         the item is then worked or sent again, with the same UIDs)."""
@@ -177,7 +203,11 @@ class WorkQueue:
                     out = fn(self.db)
                     self.db.execute("COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                        try:
+                            self.db.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
                     raise
                 return out
             except (sqlite3.Error, OSError) as e:

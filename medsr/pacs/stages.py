@@ -19,6 +19,7 @@ from medsr.pacs.failures import Outcome, SpoolFault, Verdict, classify_error, de
 from medsr.pacs.metrics import Metrics
 from medsr.pacs.protocol import DicomUpscaler
 from medsr.pacs.queue import Item, WorkQueue
+from medsr.pacs.receive import free_mb
 from medsr.pacs.safe import printable
 
 log = logging.getLogger("medsr.pacs")
@@ -41,7 +42,7 @@ class Stage:
 
     def backoff(self, attempts: int) -> float:
         s = self.config.spool
-        return min(s.backoff_max, s.backoff_initial * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.0)
+        return min(s.backoff_max, s.backoff_initial * 2 ** min(30, max(0, attempts - 1))) * random.uniform(0.8, 1.0)
 
     def _claim(self, state: str) -> Item | None:
         try:
@@ -141,6 +142,15 @@ class UpscaleStage(Stage):
         path = self.queue.source_path(item)
         if not path.exists():
             self.apply(item, Verdict(Outcome.INPUT_BAD, "the received file is missing from the spool"))
+            return False
+        reserve = self.config.listen.min_free_mb / 2
+        try:
+            low = free_mb(self.queue.root) < reserve
+        except OSError:
+            low = False
+        if low:  # the last part of the disk is for the queue's own database, so that forwarding can free space
+            self.apply(item, Verdict(Outcome.SPOOL_ERROR, f"spool nearly full (under {reserve:g} MB free): "
+                                                          "waiting for forwarded instances to free space"))
             return False
         t0 = time.perf_counter()
         try:
