@@ -125,8 +125,9 @@ class CollectingSCP:
     """A real Storage SCP (pynetdicom) that keeps what it receives: {SOP Instance UID: dataset}."""
 
     def __init__(self, ae_title: str = "DEST", port: int | None = None, status: int = 0x0000,
-                 delay: float = 0.0, compressed: bool = False) -> None:
+                 delay: float = 0.0, compressed: bool = False, ssl_context: Any = None) -> None:
         self.ae_title = ae_title
+        self.ssl_context = ssl_context  # TLS (pynetdicom's start_server ssl_context)
         self.compressed = compressed  # also accept compressed transfer syntaxes (default: uncompressed only)
         self.delay = delay
         self.port = port or free_port()
@@ -161,7 +162,8 @@ class CollectingSCP:
             ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                     (evt.EVT_CONN_OPEN, tcp_nodelay)])
+                                                     (evt.EVT_CONN_OPEN, tcp_nodelay)],
+                                       ssl_context=self.ssl_context)
         return self
 
     def stop(self) -> None:
