@@ -146,3 +146,24 @@ def test_enqueue_and_claim_rate(tmp_path: Path) -> None:
         print(f"\nqueue: {n / (t1 - t0):.0f} durable enqueues/s, {n / (t2 - t1):.0f} full item cycles/s")
     finally:
         q.close()
+
+
+def test_pacs_never_imports_the_api_above_it() -> None:
+    """medsr.pacs takes its upscalers injected (medsr.pacs.protocol.DicomUpscaler): no import of medsr's
+    API (medsr / medsr.api) or CLI from any of its modules."""
+    import ast
+
+    from conftest import REPO
+
+    for path in sorted((REPO / "medsr" / "pacs").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+                names = [a.name for a in node.names]
+                assert not (mods[0] == "medsr" and names != ["pacs"]), (path.name, names)
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for m in mods:
+                assert m != "medsr" and not m.startswith(("medsr.api", "medsr.cli")), (path.name, m)

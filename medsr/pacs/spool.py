@@ -31,14 +31,16 @@ def migrate_legacy(queue: WorkQueue) -> int:
         if not d.is_dir():
             continue
         for p in sorted(d.glob("*.dcm"), key=lambda q: q.stat().st_mtime_ns):
-            reason = None
+            reason, derived = None, folder == "outgoing"
             if folder == "dead":
                 info = p.with_name(p.stem + ".reason.json")
                 try:
-                    reason = json.loads(info.read_text()).get("reason")
-                except (OSError, ValueError):
+                    meta = json.loads(info.read_text())
+                    reason, derived = meta.get("reason"), meta.get("file") == "derived instance"
+                except (OSError, ValueError, AttributeError):
                     reason = None
-            _adopt(queue, p, p.stem, state, reason or ("dead-lettered before migration" if state == "dead" else None))
+            _adopt(queue, p, p.stem, state, reason or ("dead-lettered before migration" if state == "dead" else None),
+                   derived)
             n += 1
         for p in d.iterdir():
             p.unlink(missing_ok=True)
@@ -48,9 +50,9 @@ def migrate_legacy(queue: WorkQueue) -> int:
     return n
 
 
-def _adopt(queue: WorkQueue, path: Path, key: str, state: str, reason: str | None) -> None:
+def _adopt(queue: WorkQueue, path: Path, key: str, state: str, reason: str | None, derived: bool) -> None:
     name = uuid.uuid4().hex
-    suffix = ".out.dcm" if state == "outgoing" else ".dcm"
+    suffix = ".out.dcm" if derived else ".dcm"  # a derived instance (outgoing, or dead at forward)
     dst = queue.payload / f"{name}{suffix}"
     os.replace(path, dst)
     now = time.time()
