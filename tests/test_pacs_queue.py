@@ -167,3 +167,35 @@ def test_pacs_never_imports_the_api_above_it() -> None:
                 continue
             for m in mods:
                 assert m != "medsr" and not m.startswith(("medsr.api", "medsr.cli")), (path.name, m)
+
+
+@pytest.mark.parametrize(("code", "outcome"), [
+    (0x0000, "delivered"), (0x0111, "delivered"), (0xB000, "delivered"), (0xB007, "delivered"),
+    (0xA700, "dest_transient"), (0xA7FF, "dest_transient"), (0x0110, "dest_transient"), (0x0213, "dest_transient"),
+    (0xA900, "dest_permanent"), (0xC000, "dest_permanent"), (0x0122, "dest_permanent"), (0x0124, "dest_permanent"),
+])
+def test_failure_table_statuses(code: int, outcome: str) -> None:
+    from medsr.pacs.failures import classify_status
+
+    assert classify_status(code).outcome.value == outcome
+
+
+def test_failure_table_http_and_exceptions() -> None:
+    import errno
+    import sqlite3
+
+    from medsr.pacs.failures import Outcome, SpoolFault, classify_error, classify_http
+
+    assert classify_http(200).outcome is Outcome.DELIVERED
+    for code in (429, 503, 0, 401):
+        assert classify_http(code).outcome is Outcome.DEST_TRANSIENT
+    assert classify_http(400).outcome is Outcome.DEST_PERMANENT
+    up = "upscale"
+    assert classify_error(RuntimeError("CUDA error: an illegal memory access"), up).outcome is Outcome.WORKER_BROKEN
+    assert classify_error(RuntimeError("std::bad_alloc"), up).outcome is Outcome.WORKER_BROKEN
+    assert classify_error(MemoryError(), up).outcome is Outcome.LOCAL_RETRY
+    assert classify_error(ValueError("pixel data too short"), up).outcome is Outcome.INPUT_BAD
+    assert classify_error(OSError(errno.ENOSPC, "No space left", "/spool/x"), up).outcome is Outcome.SPOOL_ERROR
+    assert classify_error(SpoolFault("disk full"), up).outcome is Outcome.SPOOL_ERROR
+    assert classify_error(sqlite3.OperationalError("database or disk is full"), up).outcome is Outcome.SPOOL_ERROR
+    assert classify_error(TimeoutError(), "forward").outcome is Outcome.DEST_TRANSIENT
