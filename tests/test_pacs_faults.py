@@ -96,7 +96,8 @@ class NodeProc:
         else:
             cmd = node
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        assert wait_listening(self.port, self.proc, 120), self.log.read_text()[-3000:]
+        # generous: a loaded 2-core CI VM has taken minutes to import torch and load the model
+        assert wait_listening(self.port, self.proc, 400), self.log.read_text()[-3000:]
         return self
 
     @property
@@ -717,6 +718,7 @@ def test_cli_exits_non_zero_when_the_engine_breaks(tmp_path: Path) -> None:
     assert "engine broken" in out and "bad_alloc" in out
 
 
+@pytest.mark.timeout(1500)
 def test_sigkill_at_random_points_loses_nothing(tmp_path: Path) -> None:
     """Four SIGKILLs at random moments (seeded) while instances arrive, are upscaled and forwarded; after
     each restart the sender re-sends what was not acknowledged. Every acknowledged instance arrives."""
@@ -750,7 +752,7 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path: Path) -> None:
             assert wait_for(lambda: want <= set(dest.received), 120), node.log.read_text()[-3000:]
             counts, dead = node.queue()
             lost, dup = _invariant(acked, dest, dead, node.weights)
-            print(f"\nSIGKILL x{4 + 2}: {len(acked)} acked, lost {lost}, duplicated deliveries {dup} (same UIDs: the "
+            print(f"\nSIGKILL x{4 + 2} (kills at {kills} delivered): {len(acked)} acked, lost {lost}, duplicated deliveries {dup} (same UIDs: the "
                   f"PACS keeps one copy), dead {len(dead)}; {counts}")
             assert lost == 0 and not dead and set(dest.received) == want
         finally:
