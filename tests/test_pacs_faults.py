@@ -189,15 +189,20 @@ def test_spool_fills_up_on_a_small_tmpfs_and_recovers_by_itself(tmp_path: Path) 
         assert wait_for(lambda: any(m in node.log.read_text() for m in full), 120), node.log.read_text()[-3000:]
         counts, _ = node.queue()
         assert counts["received"] + counts["processing"] + counts["outgoing"] > 0
+        late = [source(100 + i, h=128, w=128) for i in range(3)]
+        late_st = send(node.port, late, timeout=60)  # under the watermark now: out of resources, retry later
+        assert late_st == [0xA700] * 3, late_st
         t0 = time.monotonic()
         dest.start()
-        acked += _resend_until_acked(node.port, [s for s, st in zip(srcs, statuses, strict=True) if st != 0], 240)
+        pending = [s for s, st in zip(srcs, statuses, strict=True) if st != 0] + late
+        refused += len(late)
+        acked += _resend_until_acked(node.port, pending, 240)
         want = {expected_derived_uid(s, node.weights) for s in acked}
         assert wait_for(lambda: want <= set(dest.received), 240), node.log.read_text()[-3000:]
         recover_s = time.monotonic() - t0
         counts, dead = node.queue()
         lost, dup = _invariant(acked, dest, dead, node.weights)
-        print(f"\nspool full: {len(acked)} acked ({refused} first answered 0xA700), lost {lost}, duplicated {dup}, "
+        print(f"\nspool full: {len(acked)} acked ({refused} first answered 0xA700, accepted once space was back), lost {lost}, duplicated {dup}, "
               f"dead {len(dead)}, drained {recover_s:.1f} s after the destination came back; {counts}")
         assert lost == 0 and dup == 0 and not dead
         assert node.proc.poll() is None  # no restart
