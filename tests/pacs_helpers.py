@@ -231,7 +231,7 @@ def start_node_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> bool:
+def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 300) -> bool:
     def up() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode} before listening")

@@ -125,6 +125,7 @@ def test_second_node_on_the_same_spool_is_refused(tmp_path: Path) -> None:
         s.close()
 
 
+@pytest.mark.timeout(600)  # node processes start slowly on a loaded VM
 def test_sigterm_stops_the_node_gracefully(tmp_path: Path) -> None:
     port = free_port()
     cfg = _write(tmp_path, node_toml(tmp_path / "spool", port, free_port(), weights=tiny_weights(tmp_path / "t.pth")))
@@ -132,7 +133,7 @@ def test_sigterm_stops_the_node_gracefully(tmp_path: Path) -> None:
     p = subprocess.Popen([sys.executable, "-m", "medsr.cli.node", "-c", str(cfg)], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_listening(port, p, 60)
+        assert wait_listening(port, p, 300)
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=30)
     finally:

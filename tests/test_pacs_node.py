@@ -179,6 +179,7 @@ def test_medsr_derived_input_is_not_upscaled_again(node, dest: CollectingSCP) ->
     assert len(dest.received) == 1 and node.metrics.value(node.metrics.ignored) == 1
 
 
+@pytest.mark.timeout(600)  # node processes start slowly on a loaded VM
 def test_destination_down_for_a_while_then_everything_arrives(tmp_path: Path) -> None:
     from medsr.pacs import Node
 
@@ -186,7 +187,7 @@ def test_destination_down_for_a_while_then_everything_arrives(tmp_path: Path) ->
     with Node(_config(tmp_path, dest.port), upscalers=[tiny_upscaler()]) as n:
         srcs = [source(i) for i in range(30)]
         assert send(n.port, srcs) == [0] * 30
-        assert wait_for(lambda: n.queue.count("outgoing") == 30, 20)
+        assert wait_for(lambda: n.queue.count("outgoing") == 30, 180)
         time.sleep(2.0)
         assert not n.metrics.dest_up and n.metrics.value(n.metrics.failed) == 0
         with dest:
@@ -211,6 +212,7 @@ def test_refusing_destination_dead_letters_at_once(tmp_path: Path) -> None:
             assert "0xA900" in item.last_error and "DEST@127.0.0.1" in item.last_error
 
 
+@pytest.mark.timeout(600)  # node processes start slowly on a loaded VM
 def test_cli_node_sigkill_mid_run_then_restart_loses_nothing(tmp_path: Path) -> None:
     """A node process SIGKILLed while receiving and working; what it acknowledged is forwarded after
     restart; what it did not acknowledge the sender re-sends. 0 lost, 0 duplicated."""
