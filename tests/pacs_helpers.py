@@ -59,14 +59,17 @@ def source(i: int, study: str = "1.2.826.0.1.3680043.8.498.999.1", h: int = 16, 
     return ds
 
 
-def expected_derived_uid(ds: Any, weights: Path | None = None) -> str:
-    """The derived SOP Instance UID: from the weights file's sha256 (a node process loading ``weights``),
-    else from the model id "tiny" (an in-process :func:`tiny_upscaler`, which has no file to hash)."""
+def expected_derived_uid(ds: Any, weights: Path | None = None, uid_root: str | None = None) -> str:
+    """The derived SOP Instance UID the node sends: the upscaler's (from the weights file's sha256 for a node
+    process loading ``weights``, else from the model id "tiny" of an in-process :func:`tiny_upscaler`), made
+    pixel-specific by the node (medsr.pacs.identity)."""
     from medsr.fsutil import sha256_file
     from medsr.io.dicom_derive import derived_uids
+    from medsr.pacs.identity import final_uids, pixel_digest
 
-    return derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None,
-                        provenance=engine_of(weights))[0]
+    sop, series = derived_uids(ds, "tiny", SCALE, weights_sha256=sha256_file(weights) if weights else None,
+                               provenance=engine_of(weights))
+    return final_uids(sop, series, pixel_digest(ds), uid_root)[0]
 
 
 def engine_of(weights: Path | None) -> dict[str, str | None]:
@@ -133,8 +136,9 @@ class CollectingSCP:
     """A real Storage SCP (pynetdicom) that keeps what it receives: {SOP Instance UID: dataset}."""
 
     def __init__(self, ae_title: str = "DEST", port: int | None = None, status: int = 0x0000,
-                 delay: float = 0.0, compressed: bool = False) -> None:
+                 delay: float = 0.0, compressed: bool = False, ssl_context: Any = None) -> None:
         self.ae_title = ae_title
+        self.ssl_context = ssl_context  # TLS (pynetdicom's start_server ssl_context)
         self.compressed = compressed  # also accept compressed transfer syntaxes (default: uncompressed only)
         self.delay = delay
         self.port = port or free_port()
@@ -169,7 +173,8 @@ class CollectingSCP:
             ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                     (evt.EVT_CONN_OPEN, tcp_nodelay)])
+                                                     (evt.EVT_CONN_OPEN, tcp_nodelay)],
+                                       ssl_context=self.ssl_context)
         return self
 
     def stop(self) -> None:

@@ -115,16 +115,17 @@ def test_cli_check_and_busy_port(tmp_path: Path) -> None:
 
 
 def test_second_node_on_the_same_spool_is_refused(tmp_path: Path) -> None:
-    from medsr.pacs import Spool, SpoolError
+    from medsr.pacs import SpoolError, WorkQueue
 
-    s = Spool(tmp_path / "spool")
+    s = WorkQueue(tmp_path / "spool")
     try:
         with pytest.raises(SpoolError, match="in use by another medsr-node"):
-            Spool(tmp_path / "spool")
+            WorkQueue(tmp_path / "spool")
     finally:
         s.close()
 
 
+@pytest.mark.timeout(600)  # node processes start slowly on a loaded VM
 def test_sigterm_stops_the_node_gracefully(tmp_path: Path) -> None:
     port = free_port()
     cfg = _write(tmp_path, node_toml(tmp_path / "spool", port, free_port(), weights=tiny_weights(tmp_path / "t.pth")))
@@ -132,7 +133,7 @@ def test_sigterm_stops_the_node_gracefully(tmp_path: Path) -> None:
     p = subprocess.Popen([sys.executable, "-m", "medsr.cli.node", "-c", str(cfg)], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_listening(port, p, 60)
+        assert wait_listening(port, p, 300)
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=30)
     finally:
@@ -149,17 +150,18 @@ def test_node_loads_its_model_by_the_rule_of_medsr_infer(tmp_path: Path) -> None
     import importlib.util
 
     from medsr import Upscaler
-    from medsr.pacs import Node, load_config
+    from medsr.cli.node import build_upscalers
+    from medsr.pacs import load_config
 
     w = tiny_weights(tmp_path / "tiny.pth")
     text = node_toml(tmp_path / "spool", free_port(), 104, weights=w)
     cfg = load_config(_write(tmp_path, text))
     assert cfg.model.precision is None
-    (up,) = Node(cfg).build_upscalers()
+    (up,) = build_upscalers(cfg)
     ref = Upscaler.load(str(w), device="cpu")
     assert (up.backend.name, up.backend.precision) == (ref.backend.name, ref.backend.precision)
     if importlib.util.find_spec("openvino") is not None:
         assert up.backend.name == "openvino"
     cfg = load_config(_write(tmp_path, text.replace("[model]\n", '[model]\nprecision = "fp32"\n')))
-    (up,) = Node(cfg).build_upscalers()
+    (up,) = build_upscalers(cfg)
     assert up.backend.precision == "fp32" and up.config.tile == 32 and up.config.overlap == 4

@@ -5,6 +5,7 @@ Relative paths (model, engine, spool) are resolved against the folder holding th
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -46,6 +47,20 @@ class ListenConfig:
     address: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
+    #: calling AE title -> peer addresses (IPs or CIDR networks) it may connect from; an AE not named here
+    #: may connect from anywhere (still only if it is in allowed_calling_aets)
+    peers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    max_associations: int = 16  # at once, all peers
+    max_per_peer: int = 4  # at once, per peer address
+    acse_timeout: float = 10.0  # seconds to wait for an A-ASSOCIATE-RQ / A-RELEASE
+    dimse_timeout: float = 30.0  # seconds to wait for the next DIMSE message part
+    network_timeout: float = 30.0  # seconds an association may stay silent before it is dropped
+    max_pdu_size: int = 65536  # the largest P-DATA PDU this node accepts (bytes)
+    max_instance_mb: float = 512.0  # a received instance larger than this is refused (and its association aborted)
+    min_free_mb: float = 256.0  # below this much free space on the spool, C-STORE answers 0xA700
+    tls_cert: Path | None = None  # PEM certificate chain of this node: TLS on the SCP
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # CA bundle: when set, peers must present a certificate it signed (mutual TLS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,15 @@ class DestinationConfig:
     url: str = ""
     timeout: float = 30.0
     syntax: str | None = None  # transfer syntax of the derived objects (medsr.io.dicom_derive.parse_syntax); None: default
+    retry_for: float = 86400.0  # seconds an instance may keep failing transiently before it is dead-lettered
+    max_pdu_size: int = 65536
+    tls_ca: Path | None = None  # C-STORE over TLS / https: CA bundle that signed the destination's certificate
+    tls_cert: Path | None = None  # client certificate (mutual TLS), PEM
+    tls_key: Path | None = None
+    tls_server_name: str = ""  # name checked in the destination's certificate (default: host)
+    token_file: Path | None = None  # STOW-RS: a file holding a bearer token
+    username: str = ""  # STOW-RS: HTTP basic auth user ...
+    password_file: Path | None = None  # ... and a file holding the password
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,7 @@ class ModelConfig:
     overlap: int | None = None
     batch: int | None = None
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    uid_root: str | None = None  # root of the derived UIDs (default: medsr's)
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,7 @@ class SpoolConfig:
     backoff_initial: float = 1.0  # seconds; doubles per attempt
     backoff_max: float = 60.0
     forwarders: int = 2  # sending threads
+    keep_delivered_days: float = 7.0  # delivered items stay listed (not their files) this long
 
 
 @dataclass(frozen=True)
@@ -169,6 +195,18 @@ class _Checker:
             self.fail(where, f"not a valid AE title (1-16 printable ASCII characters, no backslash): {value!r}")
         return v
 
+    def file(self, t: dict[str, Any], sect: str, key: str) -> Path | None:
+        """An optional existing file (TLS material, secrets)."""
+        if key not in t:
+            return None
+        value = self.string(t, sect, key, "")
+        if not value:
+            return None
+        p = self.path(value)
+        if not p.is_file():
+            self.fail(f"{sect}.{key}", f"file not found: {p}")
+        return p
+
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base / p
@@ -188,8 +226,26 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
             c.fail(key, f"unknown section or setting (known sections: {', '.join(sorted(sections))})")
 
     # [listen]
-    t = c.table(data, "listen", {"ae_title", "address", "port", "allowed_calling_aets"})
+    listen_keys = {"ae_title", "address", "port", "allowed_calling_aets", "peers", "max_associations",
+                   "max_per_peer", "acse_timeout", "dimse_timeout", "network_timeout", "max_pdu_size",
+                   "max_instance_mb", "min_free_mb", "tls_cert", "tls_key", "tls_ca"}
+    t = c.table(data, "listen", listen_keys)
     d = ListenConfig()
+    peers: dict[str, tuple[str, ...]] = {}
+    raw_peers = t.get("peers", {})
+    if not isinstance(raw_peers, dict):
+        c.fail("listen.peers", f"must be a table of AE title = [addresses], got {_show(raw_peers)}")
+        raw_peers = {}
+    for aet, addrs in raw_peers.items():
+        addrs = c.strings(raw_peers, "listen.peers", aet, ())
+        for a in addrs:
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except ValueError:
+                c.fail(f"listen.peers.{aet}", f"not an IP address or network: {a!r}")
+        if not addrs:
+            c.fail(f"listen.peers.{aet}", "must name at least one address")
+        peers[c.ae_title(aet, "listen.peers")] = addrs
     listen = ListenConfig(
         ae_title=c.ae_title(c.string(t, "listen", "ae_title", d.ae_title), "listen.ae_title"),
         address=c.string(t, "listen", "address", d.address),
@@ -197,11 +253,30 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         allowed_calling_aets=tuple(
             c.ae_title(a, "listen.allowed_calling_aets") for a in c.strings(t, "listen", "allowed_calling_aets", ())
         ),
+        peers=peers,
+        max_associations=c.integer(t, "listen", "max_associations", d.max_associations, 1, 1000),
+        max_per_peer=c.integer(t, "listen", "max_per_peer", d.max_per_peer, 1, 1000),
+        acse_timeout=c.number(t, "listen", "acse_timeout", d.acse_timeout, 0, positive=True),
+        dimse_timeout=c.number(t, "listen", "dimse_timeout", d.dimse_timeout, 0, positive=True),
+        network_timeout=c.number(t, "listen", "network_timeout", d.network_timeout, 0, positive=True),
+        max_pdu_size=c.integer(t, "listen", "max_pdu_size", d.max_pdu_size, 4096, 16 * 1024 * 1024),
+        max_instance_mb=c.number(t, "listen", "max_instance_mb", d.max_instance_mb, 0, positive=True),
+        min_free_mb=c.number(t, "listen", "min_free_mb", d.min_free_mb, 0),
+        tls_cert=c.file(t, "listen", "tls_cert"),
+        tls_key=c.file(t, "listen", "tls_key"),
+        tls_ca=c.file(t, "listen", "tls_ca"),
     )
     if "allowed_calling_aets" not in t:
         c.fail("listen.allowed_calling_aets", "required: the AE titles allowed to send (e.g. [\"ORTHANC\"])")
     elif not listen.allowed_calling_aets:
         c.fail("listen.allowed_calling_aets", "must name at least one AE title (anything else is rejected)")
+    for aet in peers:
+        if aet not in listen.allowed_calling_aets:
+            c.fail("listen.peers", f"{aet!r} is not in listen.allowed_calling_aets")
+    if (listen.tls_cert is None) != (listen.tls_key is None):
+        c.fail("listen.tls_cert", "tls_cert and tls_key go together (TLS on the SCP)")
+    if listen.tls_ca is not None and listen.tls_cert is None:
+        c.fail("listen.tls_ca", "needs tls_cert and tls_key (mutual TLS is TLS plus client certificates)")
 
     # [filters]
     t = c.table(data, "filters", {"sop_classes", "modalities", "max_pixels", "on_mismatch"})
@@ -224,7 +299,9 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     )
 
     # [destination]
-    t = c.table(data, "destination", {"type", "ae_title", "host", "port", "calling_ae_title", "url", "timeout", "syntax"})
+    t = c.table(data, "destination", {"type", "ae_title", "host", "port", "calling_ae_title", "url", "timeout", "syntax",
+                                      "retry_for", "max_pdu_size", "tls_ca", "tls_cert", "tls_key", "tls_server_name",
+                                      "token_file", "username", "password_file"})
     dd = DestinationConfig()
     if "destination" not in data:
         c.fail("destination", "required: where derived instances go ([destination] type = \"dicom\" or \"dicomweb\")")
@@ -238,7 +315,22 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         url=c.string(t, "destination", "url", ""),
         timeout=c.number(t, "destination", "timeout", dd.timeout, 0, positive=True),
         syntax=c.string(t, "destination", "syntax", "") or None,
+        retry_for=c.number(t, "destination", "retry_for", dd.retry_for, 0, positive=True),
+        max_pdu_size=c.integer(t, "destination", "max_pdu_size", dd.max_pdu_size, 4096, 16 * 1024 * 1024),
+        tls_ca=c.file(t, "destination", "tls_ca"),
+        tls_cert=c.file(t, "destination", "tls_cert"),
+        tls_key=c.file(t, "destination", "tls_key"),
+        tls_server_name=c.string(t, "destination", "tls_server_name", ""),
+        token_file=c.file(t, "destination", "token_file"),
+        username=c.string(t, "destination", "username", ""),
+        password_file=c.file(t, "destination", "password_file"),
     )
+    if (dest.tls_cert is None) != (dest.tls_key is None):
+        c.fail("destination.tls_cert", "tls_cert and tls_key go together (client certificate)")
+    if dest.token_file is not None and dest.username:
+        c.fail("destination.token_file", "give a token or a username/password, not both")
+    if bool(dest.username) != (dest.password_file is not None):
+        c.fail("destination.username", "username and password_file go together (HTTP basic auth)")
     if dest.syntax is not None:
         from medsr.io.dicom_derive import parse_syntax
 
@@ -259,14 +351,15 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         else:
             if not re.match(r"^https?://[^/\s]+", dest.url):
                 c.fail("destination.url", f"required for type = \"dicomweb\": an http(s):// URL, got {dest.url!r}")
-            for key in ("ae_title", "port", "calling_ae_title"):
+            for key in ("ae_title", "port", "calling_ae_title", "tls_server_name", "max_pdu_size"):
                 if key in t:
                     c.fail(f"destination.{key}", "only for type = \"dicom\"")
     if dest.calling_ae_title:
         c.ae_title(dest.calling_ae_title, "destination.calling_ae_title")
 
     # [model]
-    t = c.table(data, "model", {"name", "engine", "devices", "precision", "tile", "overlap", "batch", "threads"})
+    t = c.table(data, "model", {"name", "engine", "devices", "precision", "tile", "overlap", "batch", "threads",
+                                "uid_root"})
     m = ModelConfig()
     name = t.get("name")
     if name is not None and not (isinstance(name, str) and name):
@@ -305,10 +398,15 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         overlap=c.integer(t, "model", "overlap", None, 0),
         batch=c.integer(t, "model", "batch", None, 1),
         threads=c.integer(t, "model", "threads", None, 1),
+        uid_root=c.string(t, "model", "uid_root", "") or None,
     )
+    if model.uid_root is not None and not (is_uid(model.uid_root.rstrip(".")) and len(model.uid_root.rstrip(".")) <= 30):
+        c.fail("model.uid_root", f"must be a UID root of at most 30 characters (e.g. \"1.2.826.0.1.3680043.10.999\"), "
+                                 f"got {model.uid_root!r}")
 
     # [spool]
-    t = c.table(data, "spool", {"path", "max_attempts", "backoff_initial", "backoff_max", "forwarders"})
+    t = c.table(data, "spool", {"path", "max_attempts", "backoff_initial", "backoff_max", "forwarders",
+                                "keep_delivered_days"})
     s = SpoolConfig()
     if "path" not in t:
         c.fail("spool.path", "required: a folder for the durable queue (e.g. \"/var/spool/medsr-node\")")
@@ -319,6 +417,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         backoff_initial=c.number(t, "spool", "backoff_initial", s.backoff_initial, 0, positive=True),
         backoff_max=c.number(t, "spool", "backoff_max", s.backoff_max, 0, positive=True),
         forwarders=c.integer(t, "spool", "forwarders", s.forwarders, 1, 64),
+        keep_delivered_days=c.number(t, "spool", "keep_delivered_days", s.keep_delivered_days, 0),
     )
     if spool.backoff_max < spool.backoff_initial:
         c.fail("spool.backoff_max", "must be >= spool.backoff_initial")

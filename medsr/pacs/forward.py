@@ -1,20 +1,22 @@
 """Forwarding derived instances: C-STORE SCU to an AE, or DICOMweb STOW-RS to a URL.
 
-``send`` returns on success, raises :class:`DestinationDown` when the destination cannot be reached
-(retried until it is back, not counted as an attempt) or :class:`Refused` when it answered with a
-failure (counted; dead-lettered after ``spool.max_attempts``).
+``send(ds)`` returns a :class:`~medsr.pacs.failures.Verdict` from the classification table
+(medsr/pacs/failures.py): delivered, destination transient (retried) or destination permanent (dead-letter).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+from pathlib import Path
 from typing import Any
 
 from medsr.pacs.config import DestinationConfig
+from medsr.pacs.failures import Outcome, Verdict, classify_http, classify_status
+from medsr.pacs.safe import printable
 
 log = logging.getLogger("medsr.pacs")
 
-_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings (coercion, elements discarded)
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
@@ -30,17 +32,18 @@ def tcp_nodelay(event: Any) -> None:
         pass
 
 
-class DestinationDown(RuntimeError):
-    pass
-
-
-class Refused(RuntimeError):
-    pass
-
-
 def _clean(text: Any, limit: int = 120) -> str:
-    s = "".join(c if 32 <= ord(c) < 127 else " " for c in str(text)).strip()
-    return s[:limit]
+    return printable(text, limit)
+
+
+def client_ssl_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """A TLS client context: server certificate checked against ``ca`` (default: the system store), with a
+    client certificate for mutual TLS when ``cert``/``key`` are given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
 
 
 class DicomForwarder:
@@ -53,6 +56,10 @@ class DicomForwarder:
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = dest.timeout
         self.ae.connection_timeout = dest.timeout
+        self.ae.maximum_pdu_size = dest.max_pdu_size
+        self._tls: tuple[ssl.SSLContext, str] | None = None
+        if dest.tls_ca is not None or dest.tls_cert is not None:
+            self._tls = (client_ssl_context(dest.tls_ca, dest.tls_cert, dest.tls_key), dest.tls_server_name or dest.host)
         self._sop_classes = list(dict.fromkeys(sop_classes))
         self._compressed: list[tuple[str, str]] = []  # (SOP class, transfer syntax) met so far
         self.assoc: Any = None
@@ -69,19 +76,21 @@ class DicomForwarder:
         ctx += [build_context(s, [ts]) for s, ts in self._compressed]
         return ctx[-128:]  # DICOM allows 128 proposed contexts; the latest needs win
 
-    def _connect(self) -> None:
+    def _connect(self) -> Verdict | None:
         from pynetdicom import evt
 
         assoc = self.ae.associate(
             self.dest.host, self.dest.port, contexts=self._contexts(), ae_title=self.dest.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)], tls_args=self._tls,
         )
         if assoc.is_established:
             self.assoc = assoc
-            return
+            return None
         if assoc.is_rejected:
-            raise DestinationDown(f"{self.where} rejected the association (check its AE configuration for this node)")
-        raise DestinationDown(f"{self.where} cannot be reached (connection refused, aborted or timed out)")
+            why = f"{self.where} rejected the association (check its AE configuration for this node)"
+        else:
+            why = f"{self.where} cannot be reached (connection refused, aborted or timed out)"
+        return Verdict(Outcome.DEST_TRANSIENT, why, destination_down=True)
 
     def close(self) -> None:
         if self.assoc is not None:
@@ -100,7 +109,7 @@ class DicomForwarder:
                 pass
             self.assoc = None
 
-    def send(self, ds: Any) -> None:
+    def send(self, ds: Any) -> Verdict:
         sop = str(ds.SOPClassUID)
         ts = str(ds.file_meta.TransferSyntaxUID)
         if sop not in self._sop_classes:
@@ -110,7 +119,9 @@ class DicomForwarder:
             self._compressed.append((sop, ts))
             self.close()
         if self.assoc is None or not self.assoc.is_established:
-            self._connect()
+            failed = self._connect()
+            if failed is not None:
+                return failed
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in self.assoc.accepted_contexts}
         if (sop, ts) not in accepted and ts not in _UNCOMPRESSED and any(
             (sop, u) in accepted for u in _UNCOMPRESSED
@@ -123,51 +134,67 @@ class DicomForwarder:
             ds.decompress(generate_instance_uid=False)
         try:
             status = self.assoc.send_c_store(ds)
-        except ValueError as e:  # no accepted presentation context for this SOP class / transfer syntax
+        except ValueError:  # no accepted presentation context for this SOP class / transfer syntax
             self._abort()
-            raise Refused(f"{self.where} accepts no presentation context for SOP class {sop}, transfer syntax {ts}") from e
+            return Verdict(Outcome.DEST_PERMANENT,
+                           f"{self.where} accepts no presentation context for SOP class {sop}, transfer syntax {ts}")
         except (RuntimeError, OSError) as e:
             self._abort()
-            raise DestinationDown(f"{self.where}: association lost while sending ({type(e).__name__})") from e
+            return Verdict(Outcome.DEST_TRANSIENT, f"{self.where}: association lost while sending ({type(e).__name__})")
         if not status or "Status" not in status:
             self._abort()
-            raise DestinationDown(f"{self.where}: no C-STORE response (association aborted or timed out)")
+            return Verdict(Outcome.DEST_TRANSIENT, f"{self.where}: no C-STORE response (association aborted or timed out)")
         code = int(status.Status)
-        if code in _OK:
-            return
+        verdict = classify_status(code, self.where)
         comment = _clean(status.get("ErrorComment", ""), 64)
-        raise Refused(f"{self.where} refused the instance: C-STORE status 0x{code:04X}" + (f" ({comment})" if comment else ""))
+        if comment and verdict.outcome is not Outcome.DELIVERED:
+            verdict = Verdict(verdict.outcome, f"{verdict.reason}: {comment}", verdict.destination_down)
+        return verdict
 
 
 class StowForwarder:
-    """DICOMweb STOW-RS (dicomweb-client); one request per instance."""
+    """DICOMweb STOW-RS (dicomweb-client); one request per instance. Bearer token or basic auth, a CA
+    bundle and a client certificate from [destination]."""
 
     def __init__(self, dest: DestinationConfig) -> None:
+        import requests
         from dicomweb_client.api import DICOMwebClient
 
         self.dest = dest
-        self.client = DICOMwebClient(url=dest.url, timeout=dest.timeout)
-        self.client.set_http_retry_params(retry=False)  # medsr-node retries itself, with the spool
+        session = requests.Session()
+        if dest.tls_ca is not None:
+            session.verify = str(dest.tls_ca)
+        if dest.tls_cert is not None and dest.tls_key is not None:
+            session.cert = (str(dest.tls_cert), str(dest.tls_key))
+        if dest.token_file is not None:
+            session.headers["Authorization"] = "Bearer " + dest.token_file.read_text().strip()
+        elif dest.username and dest.password_file is not None:
+            session.auth = (dest.username, dest.password_file.read_text().rstrip("\n"))
+        self.client = DICOMwebClient(url=dest.url, session=session, timeout=dest.timeout)
+        self.client.set_http_retry_params(retry=False)  # medsr-node retries itself, with the queue
 
     def close(self) -> None:
         pass
 
-    def send(self, ds: Any) -> None:
+    def send(self, ds: Any) -> Verdict:
         import requests
 
+        where = f"STOW-RS {self.dest.url}"
         try:
             response = self.client.store_instances([ds])
         except requests.exceptions.HTTPError as e:
-            code = e.response.status_code if e.response is not None else 0
-            if code in (0, 408, 429, 500, 502, 503, 504):
-                raise DestinationDown(f"STOW-RS {self.dest.url}: HTTP {code} (service unavailable)") from None
-            raise Refused(f"STOW-RS {self.dest.url} refused the instance: HTTP {code}") from None
+            return classify_http(e.response.status_code if e.response is not None else 0, where)
         except requests.exceptions.RequestException as e:
-            raise DestinationDown(f"STOW-RS {self.dest.url} cannot be reached ({type(e).__name__})") from None
+            return Verdict(Outcome.DEST_TRANSIENT, f"{where} cannot be reached ({type(e).__name__})",
+                           destination_down=True)
         failed = response.get("FailedSOPSequence") if response is not None else None
         if failed:
-            reason = failed[0].get("FailureReason", "")
-            raise Refused(f"STOW-RS {self.dest.url} refused the instance (FailureReason {reason})")
+            try:
+                code = int(failed[0].get("FailureReason", 0xC000) or 0xC000)
+            except (TypeError, ValueError):
+                code = 0xC000
+            return classify_status(code, where)
+        return Verdict(Outcome.DELIVERED, where)
 
 
 def make_forwarder(dest: DestinationConfig, calling_ae_title: str, sop_classes: tuple[str, ...]) -> Any:

@@ -34,6 +34,8 @@ class Metrics:
         )
         self.destination_up = Gauge("medsr_node_destination_up", "1 when the last forward reached the destination",
                                     registry=r)
+        self.healthy = Gauge("medsr_node_healthy", "1 while every worker's engine works (0: restart the node)",
+                             registry=r)
         self.dest_up = True
         self.destination_up.set(1)
         self._window: deque[tuple[float, float]] = deque()

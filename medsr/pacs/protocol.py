@@ -1,0 +1,16 @@
+"""What the node needs from an upscaler: a protocol, so that medsr.pacs never imports the API above it.
+
+:class:`medsr.Upscaler` satisfies it; tests inject fakes (an engine that raises a CUDA error, a slow one).
+The CLI (medsr/cli/node.py) builds the real ones and hands them to the node.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class DicomUpscaler(Protocol):
+    def upscale_dicom(self, ds: Any, *, dicom_syntax: str | None = None) -> Any:
+        """A derived pydicom ``FileDataset`` (new SOP and series UIDs, same study) for source ``ds``."""
+        ...
