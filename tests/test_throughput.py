@@ -76,7 +76,8 @@ def test_cli_names_what_ran_in_log_and_summary(weights: Path, tmp_path: Path) ->
                                     "--overlap", "4", "--model", str(weights), str(src), "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     ran = "torch fp32 on cpu, model tiny_x4 x4 3ch, tile 16 overlap 4 halo 1 batch 1"
-    assert f"medsr-infer: running {ran}" in res.output
+    assert f"medsr-infer running {ran}" in res.output
+    assert [ln for ln in res.output.splitlines() if ln.startswith("medsr-infer: ")][0].startswith("medsr-infer: 1 written")
     summary = [ln for ln in res.output.splitlines() if "1 written" in ln]
     assert summary and summary[0].endswith(f"; ran {ran}")
 

@@ -247,7 +247,7 @@ def main(inputs: tuple[Path, ...], outdir: Path, engine: str | None, model: str 
         raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
 
     ran = up.describe()
-    click.echo(f"medsr-infer: running {ran}", err=True)
+    click.echo(f"medsr-infer running {ran}", err=True)  # not "medsr-infer: ": that prefix is the summary line
     summary, jobs = _start_run(walk, input_files)
     t0 = time.perf_counter()
     interrupted: str | None = None
