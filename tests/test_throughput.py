@@ -57,7 +57,7 @@ def test_machine_precisions_follow_the_cpu(native: bool, monkeypatch: pytest.Mon
     can = machine_precisions("auto", "cpu")
     assert can[0] == "fp32" and ("bf16" in can) == native and "fp16" not in can and "tf32" not in can
     assert machine_precisions("torch", "cpu") == ("fp32", "bf16")
-    for asked in ("fp16", "tf32") + (() if native else ("bf16",)):
+    for asked in ("fp16", "tf32", "int8") + (() if native else ("bf16",)):
         with pytest.raises(BackendError) as e:
             check_machine_precision("auto", "cpu", asked)
         suggested = str(e.value).split("this machine can run: ")[1]
@@ -76,7 +76,8 @@ def test_cli_names_what_ran_in_log_and_summary(weights: Path, tmp_path: Path) ->
                                     "--overlap", "4", "--model", str(weights), str(src), "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     ran = "torch fp32 on cpu, model tiny_x4 x4 3ch, tile 16 overlap 4 halo 1 batch 1"
-    assert f"medsr-infer: running {ran}" in res.output
+    assert f"medsr-infer running {ran}" in res.output
+    assert [ln for ln in res.output.splitlines() if ln.startswith("medsr-infer: ")][0].startswith("medsr-infer: 1 written")
     summary = [ln for ln in res.output.splitlines() if "1 written" in ln]
     assert summary and summary[0].endswith(f"; ran {ran}")
 
@@ -243,7 +244,7 @@ def test_int8_export_and_run(tmp_path: Path) -> None:
         open_backend(q, precision="fp32")
     with pytest.raises(BackendError, match="int8-quantized OpenVINO IR"):
         open_backend(xml, precision="int8")
-    with pytest.raises(BackendError, match="not on PyTorch"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, fp16, bf16, got 'int8'"):
         Upscaler.from_pretrained(w, precision="int8")
 
 

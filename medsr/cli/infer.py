@@ -130,7 +130,7 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
         groups[engine or model] = todo
     else:
         for j, choice in _choose_models(todo):
-            click.echo(f"medsr-infer: model {choice.model} for {j.src} ({choice.reason})", err=True)
+            click.echo(f"medsr-infer model {choice.model} for {j.src} ({choice.reason})", err=True)
             groups.setdefault(choice.model, []).append(j)
         if ray_address is not None and len(groups) > 1:
             raise click.UsageError(
@@ -182,7 +182,7 @@ def main(inputs: tuple[Path, ...], output: Path, engine: str | None, model: str 
         except ValueError as e:
             raise click.UsageError(f"{e} (model {up.model_id}, x{up.scale})") from None
         ran.append(up.describe())
-        click.echo(f"medsr-infer: running {ran[-1]}", err=True)
+        click.echo(f"medsr-infer running {ran[-1]}", err=True)  # not "medsr-infer: ": that prefix is the summary line
         interrupted = _run_local(up, gwalk.jobs, summary, overwrite, limit, dicom_syntax, quiet, encoders)
         summary.megapixels += up.lr_pixels / 1e6
         if interrupted:
@@ -283,7 +283,7 @@ def _run_volumes(jobs: list, spec: str | None, runtime: str, precision: str | No
         except Exception as e:  # one clear line: missing weights, a 2D model, no runtime
             click.echo(f"medsr-infer: cannot load the volume model: {e}", err=True)
             sys.exit(2)
-        click.echo(f"medsr-infer: volumes run {vu.upscaler.describe()}", err=True)  # type: ignore[union-attr]
+        click.echo(f"medsr-infer volumes run {vu.upscaler.describe()}", err=True)  # type: ignore[union-attr]
         return vu
 
     def progress(name: str):  # type: ignore[no-untyped-def]
@@ -293,7 +293,7 @@ def _run_volumes(jobs: list, spec: str | None, runtime: str, precision: str | No
         return _bar_progress(bar)
 
     for j in jobs:
-        click.echo(f"medsr-infer: detected {j.description} in {j.src}: one volume", err=True)
+        click.echo(f"medsr-infer detected {j.description} in {j.src}: one volume", err=True)
     return run_volume_jobs(jobs, load, overwrite=overwrite, factor=factor, spacing=spacing, axis=axis,
                            dicom_syntax=dicom_syntax, log=lambda m: click.echo(m, err=True), progress=progress)
 
@@ -318,7 +318,7 @@ def _run_volumes_ray(jobs: list, spec: str | None, runtime: str, precision: str 
         click.echo(f"medsr-infer: cannot load the volume model: {e}", err=True)
         sys.exit(2)
     for j in jobs:
-        click.echo(f"medsr-infer: detected {j.description} in {j.src}: one volume", err=True)
+        click.echo(f"medsr-infer detected {j.description} in {j.src}: one volume", err=True)
     load = LoadSpec(spec, runtime, device, precision, config, dicom_syntax)
     options = RayOptions(None if ray_address == "local" else ray_address, workers)
     summary = Summary()

@@ -108,10 +108,11 @@ def machine_precisions(runtime: str = "auto", device: str | Any = "auto") -> tup
     """The precisions ``runtime`` can run on ``device`` on *this* machine, in the order a user would try them:
     what a ``--precision`` refusal suggests (never a precision this machine would refuse in turn).
 
-    ``auto`` on a CPU is OpenVINO when installed (weights), else PyTorch: OpenVINO runs fp32, bf16 only on a
-    CPU with native bf16, int8 where NNCF is installed (a quantized IR from medsr-export runs without it);
-    PyTorch on a CPU runs fp32 and bf16 (autocast); on CUDA fp32, tf32 (Ampere+), fp16 and bf16 (where the
-    GPU supports it). ONNX Runtime and TensorRT run the precision baked into the file (fp32 or fp16)."""
+    ``auto`` on a CPU is OpenVINO when installed (weights), else PyTorch: OpenVINO runs fp32 and bf16 only on
+    a CPU with native bf16 (int8 is not listed: it runs from an int8 IR written by ``medsr-export
+    --openvino-int8``, never from weights); PyTorch on a CPU runs fp32 and bf16 (autocast); on CUDA fp32, tf32
+    (Ampere+), fp16 and bf16 (where the GPU supports it). ONNX Runtime and TensorRT run the precision baked
+    into the file (fp32 or fp16)."""
     import importlib.util
 
     from medsr.runtime.backend import resolve_device
@@ -121,9 +122,9 @@ def machine_precisions(runtime: str = "auto", device: str | Any = "auto") -> tup
         has_ov = importlib.util.find_spec("openvino") is not None
         runtime = "openvino" if dev.type == "cpu" and has_ov else "torch"
     if runtime == "openvino":
-        from medsr.runtime.openvino_backend import int8_available, native_bf16
+        from medsr.runtime.openvino_backend import native_bf16
 
-        return ("fp32",) + (("bf16",) if native_bf16() else ()) + (("int8",) if int8_available() else ())
+        return ("fp32",) + (("bf16",) if native_bf16() else ())
     if runtime == "torch":
         if dev.type == "cpu":
             return ("fp32", "bf16")
@@ -150,6 +151,8 @@ def check_machine_precision(runtime: str, device: str | Any, precision: str | No
             why = " (this CPU has no native bf16: AVX512-BF16 or AMX)"
         elif precision in ("fp16", "tf32") and dev.type == "cpu":
             why = f" ({precision} is a CUDA precision)"
+        elif precision == "int8":
+            why = " (int8 runs from an int8 OpenVINO IR: medsr-export --openvino-int8 CALIB_DIR, then --engine x.int8.xml)"
         raise BackendError(
             f"precision {precision} is not available for runtime {runtime} on {dev}{why}; "
             f"this machine can run: {', '.join(can)}"

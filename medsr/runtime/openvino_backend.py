@@ -51,13 +51,6 @@ def native_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def int8_available() -> bool:
-    """True when models can be quantized to int8 here (NNCF installed: ``pip install 'medsr[cpu]'``)."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("nncf") is not None
-
-
 class OpenVINOBackend(Backend):
     name = "openvino"
 

@@ -15,6 +15,9 @@ from medsr.runtime.contract import PRECISIONS, default_batch, finish_output
 
 log = logging.getLogger(__name__)
 
+#: the precisions PyTorch runs (``contract.PRECISIONS`` without OpenVINO's int8)
+TORCH_PRECISIONS = tuple(p for p in PRECISIONS if p != "int8")
+
 
 @contextlib.contextmanager
 def cuda_fp32_math(tf32: bool):
@@ -67,16 +70,14 @@ class TorchBackend(Backend):
         *,
         descriptor: ModelDescriptor | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision not in TORCH_PRECISIONS:  # int8 is OpenVINO's (an int8 IR), not PyTorch's
+            raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
         desc = descriptor if descriptor is not None else getattr(model, "descriptor", None)
         if not isinstance(desc, ModelDescriptor):
             raise BackendError("the model has no .descriptor: pass descriptor=ModelDescriptor(...)")
         self.descriptor = desc
         cuda = self.device.type == "cuda"
-        if precision == "int8":
-            raise BackendError("int8 runs on OpenVINO from a quantized IR (medsr-export --openvino-int8), not on PyTorch")
         if precision == "tf32" and not cuda:
             raise BackendError(f"precision 'tf32' is a CUDA (Ampere+) mode; on this CPU use {cpu_precisions()}")
         if precision == "fp16":
