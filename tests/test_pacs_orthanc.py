@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(1900)
 
 
 def _netns_prefix() -> list[str]:
@@ -45,7 +45,7 @@ def test_orthanc_round_trip_load_and_kill(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=280)
+        out, _ = proc.communicate(timeout=1800)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
