@@ -166,7 +166,7 @@ def node(tmp_path: Path):
         def start(self) -> subprocess.Popen[bytes]:
             p = start_node_process(cfg, log)
             procs.append(p)
-            assert wait_listening(NODE, p, 60), log.read_text()[-3000:]
+            assert wait_listening(NODE, p, 300), log.read_text()[-3000:]
             return p
 
         def log_text(self) -> str:
@@ -206,13 +206,13 @@ def _derived_series(src: Any, weights: Path) -> str:
     return derived_uids(src, "tiny", SCALE, weights_sha256=sha256_file(weights), provenance=engine_of(weights))[1]
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(400)
 def test_round_trip_same_study_with_preview(orthanc: Orthanc, node) -> None:
     proc = node.start()
     orthanc.post("/modalities/medsr/echo", "{}")  # C-ECHO from Orthanc (raises on failure)
     srcs = _study(3, "1.2.826.0.1.3680043.8.498.4242.1")
     assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0, 0, 0]
-    got = _wait_derived(orthanc, srcs, 60, node.weights)
+    got = _wait_derived(orthanc, srcs, 300, node.weights)
     assert sorted(got) == sorted(expected_derived_uid(s, node.weights) for s in srcs), node.log_text()[-3000:]
     study_id = orthanc.lookup(srcs[0].StudyInstanceUID)
     series = orthanc.get(f"/studies/{study_id}/series")
@@ -232,7 +232,7 @@ def test_round_trip_same_study_with_preview(orthanc: Orthanc, node) -> None:
     assert "Traceback" not in node.log_text() and "SECRET" not in node.log_text()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(400)
 def test_stow_rs_destination(orthanc: Orthanc, tmp_path: Path) -> None:
     if not Path(DICOMWEB_PLUGIN).exists():
         pytest.skip("skipped: Orthanc DICOMweb plugin not installed (apt-get install orthanc-dicomweb)")
@@ -244,13 +244,13 @@ def test_stow_rs_destination(orthanc: Orthanc, tmp_path: Path) -> None:
         assert wait_listening(NODE + 1, proc)
         srcs = _study(4, "1.2.826.0.1.3680043.8.498.4242.2")
         assert send(NODE + 1, srcs) == [0] * 4  # straight to the node (calling AE SENDER)
-        got = _wait_derived(orthanc, srcs, 60, tmp_path / "tiny.pth")
+        got = _wait_derived(orthanc, srcs, 300, tmp_path / "tiny.pth")
         assert sorted(got) == sorted(expected_derived_uid(s, tmp_path / "tiny.pth") for s in srcs), (tmp_path / "stow.log").read_text()
     finally:
         assert stop_process(proc, signal.SIGTERM) == 0
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(900)
 def test_orthanc_down_for_a_while_then_everything_arrives(orthanc: Orthanc, tmp_path: Path) -> None:
     """The destination (real Orthanc) is stopped while the node receives 40 instances; the node keeps them
     in its spool and retries with backoff; once Orthanc is back all arrive, once each."""
@@ -269,7 +269,7 @@ def test_orthanc_down_for_a_while_then_everything_arrives(orthanc: Orthanc, tmp_
         log = (tmp_path / "down.log").read_text()
         assert "forwarded" not in log and "dead-lettered" not in log, log[-2000:]
         orthanc.start()
-        got = _wait_derived(orthanc, srcs, 60, weights)
+        got = _wait_derived(orthanc, srcs, 300, weights)
         assert sorted(got) == sorted(expected_derived_uid(s, weights) for s in srcs), log[-2000:]
         assert _queue_counts(tmp_path / "spool")["dead"] == 0
         _report("destination_down", {"instances": n, "down_s": 3.0, "arrived_after_restart": len(got)})
@@ -279,7 +279,7 @@ def test_orthanc_down_for_a_while_then_everything_arrives(orthanc: Orthanc, tmp_
         assert stop_process(proc, signal.SIGTERM) == 0
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(900)
 def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     """500 instances through Orthanc -> node -> Orthanc: 0 lost, 0 duplicated; then 500 more with the
     node SIGKILLed mid-run and restarted: 0 lost (Orthanc's failed store jobs resubmitted)."""
@@ -289,7 +289,7 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     t0 = time.monotonic()
     assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0] * n
     t_sent = time.monotonic() - t0
-    got = _wait_derived(orthanc, srcs, 90, node.weights)
+    got = _wait_derived(orthanc, srcs, 300, node.weights)
     dt = time.monotonic() - t0
     assert len(got) == n and len(set(got)) == n, f"{len(got)} derived, {len(set(got))} distinct"
     assert set(got) == {expected_derived_uid(s, node.weights) for s in srcs}
@@ -350,7 +350,7 @@ def test_load_500_then_sigkill_and_restart(orthanc: Orthanc, node) -> None:
     ]
     for jid in failed:
         orthanc.post(f"/jobs/{jid}/resubmit", "")
-    got = _wait_derived(orthanc, srcs, 60, node.weights)
+    got = _wait_derived(orthanc, srcs, 300, node.weights)
     dt = time.monotonic() - t0
     jobs = orthanc.jobs()
     diag = {"state": state, "resubmitted": len(failed), "jobs": {s: sum(1 for j in jobs if j["State"] == s)

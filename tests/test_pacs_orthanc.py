@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.timeout(1300)  # the scenario's own deadline ends it first
+pytestmark = pytest.mark.timeout(1900)  # the scenario's own deadline ends it first
 #: sub-cases that may be skipped, with the reason the inner suite gives (an optional Orthanc plugin)
 OPTIONAL = ("Orthanc DICOMweb plugin not installed",)
 
@@ -48,7 +48,7 @@ def test_orthanc_round_trip_load_and_kill(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=1200)  # generous: real servers on a possibly busy machine
+        out, _ = proc.communicate(timeout=1800)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
