@@ -83,6 +83,21 @@ def _jpeg_size(path: Path) -> tuple[int, int, int]:
             f.seek(n - 2, 1)
 
 
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+
+
+def dicom_deflated(path: str | Path) -> bool:
+    """True when the file meta names Deflated Explicit VR Little Endian. Reading such a data set inflates the whole
+    stream (a few KiB can inflate to gigabytes), so header probes (model choice, volume detection) leave it to
+    the full reader, which inflates in bounded steps against the pixel limit."""
+    try:
+        from pydicom.filereader import read_file_meta_info
+
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", "")) == DEFLATED_TS
+    except Exception:
+        return False
+
+
 def _dicom_size(path: Path) -> tuple[int, int, int]:
     import pydicom
 
@@ -177,7 +192,7 @@ def header_kind(path: str | Path) -> dict[str, object]:
                 page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
                 spp = int(page.samplesperpixel)
                 out["channels"] = 1 if spp in (1, 2) else 3
-        elif fmt == "dicom":
+        elif fmt == "dicom" and not dicom_deflated(p):
             import pydicom
 
             ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)

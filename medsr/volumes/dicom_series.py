@@ -87,11 +87,16 @@ def list_files(src: str | Path | list[str | Path] | tuple[str | Path, ...]) -> l
 
 
 def read_header(path: Path, specific_tags: list[str] | None = None) -> Any | None:
-    """The dataset of ``path`` without pixel data, or None if it is not DICOM."""
+    """The dataset of ``path`` without pixel data, or None if it is not DICOM (or deflated: its data set would be
+    inflated whole, so it is left to the 2D reader's bounded inflate; see medsr.io.probe.dicom_deflated)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     from medsr.io.dicom import _quiet
+    from medsr.io.probe import dicom_deflated
+
+    if dicom_deflated(path):
+        return None
 
     with _quiet(path):
         try:
