@@ -115,7 +115,7 @@ def main(ctx: click.Context, config_path: Path | None, check: bool, log: LogOpti
         t0 = time.perf_counter()
         upscalers = build_upscalers(cfg)
         logger.info("model loaded in %.1f s: %s", time.perf_counter() - t0,
-                    "; ".join(f"{u.model_id} x{u.scale} on {u.backend.name} {u.backend.precision}" for u in upscalers))
+                    "; ".join(u.describe() if hasattr(u, "describe") else type(u).__name__ for u in upscalers))
         if check:
             WorkQueue(cfg.spool.path).close()
             click.echo(f"medsr-node: {config_path}: OK")
