@@ -139,8 +139,11 @@ def main(data_dir: Path, protocol: str, scale: int | None, no_comparator: bool, 
     kw = dict(runtime=runtime, device=device, precision=precision, tile=tile, overlap=overlap, batch=batch)
     loaded: list[tuple[str, Any]] = []
     unavailable: dict[str, str] = {}
-    default = "medsr-retina-x2" if protocol == "retina" else DEFAULT_MODEL
-    chosen = [] if baselines_only else list(models) + list(engines) or [default]
+    from medsr.weights import MODELS, is_shipped
+
+    retina_default = [n for n in ("medsr-retina-x2",) if is_shipped(MODELS[n])]  # evaluated once it ships
+    default = retina_default if protocol == "retina" else [DEFAULT_MODEL]
+    chosen = [] if baselines_only else list(models) + list(engines) or default
     specs = [(m, False) for m in chosen]
     if protocol == "retina" and not no_comparator and not baselines_only and RETINA_COMPARATOR not in models:
         specs.append((RETINA_COMPARATOR, True))
