@@ -67,13 +67,13 @@ def _read(src: Path, dst: Path, overwrite: bool, max_pixels: int | None) -> Imag
 
 
 def _encode(src: Image, pixels: np.ndarray | None, done: Image | None, dst: str, scale: int, model_id: str,
-            weights_sha256: str | None, dicom_syntax: str | None) -> None:
+            weights_sha256: str | None, dicom_syntax: str | None, provenance: dict[str, str] | None = None) -> None:
     """In an encoder process: the output image (DICOM derived and encoded) from the upscaled pixels, written
     atomically. ``done``: an output built already (multi-frame DICOM)."""
     from medsr.io import make_output, write_image
 
     out = done if done is not None else make_output(src, pixels, scale, model_id, weights_sha256=weights_sha256,
-                                                    dicom_syntax=dicom_syntax)
+                                                    dicom_syntax=dicom_syntax, provenance=provenance)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     write_image(out, dst)
 
@@ -138,7 +138,7 @@ def run_pipeline(
                     args = (img, up.upscale_stored(img, progress=progress), None)
                 lr = img.height * img.width * img.frames
                 writes.append((src, dst, lr, encoders.submit(_encode, *args, str(dst), up.scale, up.model_id,
-                                                             up.weights_sha256, dicom_syntax)))
+                                                             up.weights_sha256, dicom_syntax, up.provenance())))
             except Exception as e:  # unreadable, too large, exists, engine failure: this file only
                 writes.append((src, dst, 0, _outcome(src, dst, e)))
             # hand back finished work in order; block on the oldest when too many outputs wait

@@ -172,7 +172,7 @@ def test_cli_skip_only_pass_does_not_load_the_model(weights: Path, tmp_path: Pat
     monkeypatch.setattr(Upscaler, "load", boom)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "0 written, 1 skipped" in res.output and "the model was not loaded" in res.output
+    assert "0 written, 1 skipped" in res.output and "medsr-infer running" not in res.output  # no model loaded
 
 
 def test_bench_startup_reports_cold_and_warm(weights: Path, tmp_path: Path) -> None:
@@ -349,7 +349,7 @@ def test_cli_encoders_same_summary(weights: Path, tmp_path: Path) -> None:
     b = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "b"), "--encoders", "2"])
     assert a.exit_code == b.exit_code == 0, b.output
     for r in (a, b):
-        assert "3 written, 0 skipped (exist), 0 failed" in r.output
+        assert "3 written, 0 skipped (same job already written), 0 failed" in r.output
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(s.name for s in srcs)
 
 
