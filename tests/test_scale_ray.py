@@ -171,8 +171,8 @@ def test_ray_volumes_equal_the_local_cli(local_ray, tmp_path: Path, tiny_x1: Pat
     code_r, out_r = _infer(*args, "-o", "ray", "--ray", "--overwrite")
     assert code_l == code_r == 1, (out_l, out_r)
     assert _summary(out_r) == _summary(out_l) == (
-        "medsr-infer: 3 written, 0 skipped (exist), 1 failed, 0 ignored (not images or not regular files)")
-    assert "isotropic" in out_r and "iso.nii.gz" in out_r and "FAILED" in out_r
+        "medsr-infer: 3 written, 0 skipped (same job already written), 1 failed, 0 ignored (not images or not regular files)")
+    assert "isotropic" in out_r and "iso.nii.gz" in out_r and "failed: " in out_r
     assert "volumes run on Ray" in out_r and "factor 3" in out_r  # the actor's plan line reaches the driver
     files_l = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
     files_r = sorted(p.relative_to(ray_out) for p in ray_out.rglob("*") if p.is_file())
@@ -194,7 +194,7 @@ def test_ray_volumes_equal_the_local_cli(local_ray, tmp_path: Path, tiny_x1: Pat
     os.utime(ray_out / "b_thick.nii", ns=(1, 1))  # marks the file: a skip leaves it untouched
     code, text = _infer("--model", "no-such-model", *args[2:], "-o", "ray", "--ray")  # as locally: no model needed
     assert code == 0 and _summary(text) == (
-        "medsr-infer: 0 written, 3 skipped (exist), 0 failed, 0 ignored (not images or not regular files)"), text
+        "medsr-infer: 0 written, 3 skipped (same job already written), 0 failed, 0 ignored (not images or not regular files)"), text
     assert (ray_out / "b_thick.nii").stat().st_mtime_ns == 1 and "volumes run on Ray" not in text
 
 
