@@ -37,6 +37,41 @@ def test_state_machine_and_files(tmp_path: Path) -> None:
         q.close()
 
 
+def test_the_periodic_sweep_never_deletes_an_instance_being_acknowledged(tmp_path: Path) -> None:
+    """Issue 20's lost instance: the receiver's periodic sweep ran between ``add``'s payload write and its row
+    commit, found a file with no row and deleted it; the instance was acknowledged and never delivered."""
+    q = _q(tmp_path)
+    try:
+        real_tx = q._tx
+        swept: list[int] = []
+
+        def tx_with_a_sweep_in_the_window(fn, durable=False):
+            if durable:  # add()'s INSERT: the payload file is on disk, its row not yet committed
+                swept.append(q.sweep_files(older_than=60.0))
+            return real_tx(fn, durable)
+
+        q._tx = tx_with_a_sweep_in_the_window  # type: ignore[method-assign]
+        i = q.add("1.2.3", b"source bytes")
+        q._tx = real_tx  # type: ignore[method-assign]
+        assert swept == [0]
+        item = q.get(i)
+        assert q.source_path(item).read_bytes() == b"source bytes"
+        # a real orphan (no row) is removed once old enough, and at start (older_than 0)
+        orphan = q.payload / "0123abcd.dcm"
+        orphan.write_bytes(b"x")
+        assert q.sweep_files(older_than=60.0) == 0 and orphan.exists()
+        old = time.time() - 120
+        import os
+
+        os.utime(orphan, (old, old))
+        assert q.sweep_files(older_than=60.0) == 1 and not orphan.exists()
+        orphan.write_bytes(b"x")
+        assert q.sweep_files() == 1 and not orphan.exists()
+        assert q.source_path(item).exists()  # an item's file is never swept
+    finally:
+        q.close()
+
+
 def test_a_crash_counts_as_an_attempt_and_a_poison_item_goes_dead(tmp_path: Path) -> None:
     from medsr.pacs import WorkQueue
 

@@ -399,30 +399,45 @@ class WorkQueue:
         return out
 
     def sweep_files(self, older_than: float = 0.0) -> int:
-        """Remove payload files no unfinished item refers to, and partial writes in tmp/ older than
-        ``older_than`` seconds (0: all)."""
+        """Remove payload files no item refers to, and partial writes in tmp/, older than ``older_than``
+        seconds (0: all, at start, before anything is received).
+
+        A received instance's payload file is written (and fsynced) *before* its row is committed, so while
+        the node receives, a fresh file without a row is an instance being acknowledged right now, not an
+        orphan: the age bound keeps it (this sweep once deleted such a file under load, and the instance,
+        already acknowledged, was never delivered). The folder is listed before the database is read, so a
+        file listed whose row commits before the read is kept in any case."""
+        now = time.time()
+        try:
+            listed = list(self.payload.iterdir())
+            partial = list(self.tmp.iterdir())
+        except OSError:
+            return 0
         with self._mu:
             try:
                 keep = {f for (f,) in self.db.execute("SELECT file FROM items WHERE state IN "
                                                        "('received', 'processing', 'outgoing', 'dead')")}
             except sqlite3.Error:
                 return 0
+
+        def old(p: Path) -> bool:
+            try:
+                return not older_than or now - p.stat().st_mtime > older_than
+            except OSError:
+                return False  # gone already
+
         n = 0
-        now = time.time()
-        try:
-            for p in self.payload.iterdir():
-                if p.name.split(".")[0] not in keep:
-                    self._unlink(p)
-                    n += 1
-            for p in self.tmp.iterdir():
+        for p in listed:
+            if p.name.split(".")[0] not in keep and old(p):
+                self._unlink(p)
+                n += 1
+        for p in partial:
+            if old(p):
                 try:
-                    if not older_than or now - p.stat().st_mtime > older_than:
-                        p.unlink()
-                        n += 1
+                    p.unlink()
+                    n += 1
                 except OSError:
                     continue
-        except OSError:
-            pass
         return n
 
     def release_orphans(self, held: set[int], delay: float) -> int:
