@@ -105,3 +105,42 @@ def test_macs_per_pixel_matches_a_count_by_hooks() -> None:
     with torch.no_grad():
         m(torch.rand(1, 3, 16, 16))
     assert macs == pytest.approx(rrdbnet_macs_per_lr_pixel(m.descriptor) * 256)
+
+
+@pytest.mark.parametrize("scale", [4, 2, 1])
+def test_bicubic_skip_adds_exactly_the_bicubic_upscale(scale: int) -> None:
+    torch.manual_seed(scale)
+    plain = RRDBNet(3, 3, scale, 8, 1, 4).eval()
+    skip = RRDBNet(3, 3, scale, 8, 1, 4, skip="bicubic").eval()
+    skip.load_state_dict(plain.state_dict())  # same keys: the skip has no parameters
+    assert skip.descriptor.skip == "bicubic" and plain.descriptor.skip == "none"
+    x = torch.rand(1, 3, 8, 12)
+    with torch.no_grad():
+        diff = skip(x) - plain(x)
+    up = x if scale == 1 else F.interpolate(x, scale_factor=float(scale), mode="bicubic", align_corners=False)
+    assert (diff - up).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="skip"):
+        RRDBNet(3, 3, scale, 8, 1, 4, skip="lanczos")
+
+
+def test_bicubic_skip_survives_save_and_load_and_gray_fold(tmp_path) -> None:
+    from medsr.weights.load import load_file, save_weights
+
+    torch.manual_seed(0)
+    m = RRDBNet(3, 3, 2, 8, 1, 4, skip="bicubic").eval()
+    x = torch.rand(1, 3, 8, 8)
+    for name in ("m.safetensors", "m.pth"):
+        save_weights(m, tmp_path / name, "t")
+        loaded = load_file(tmp_path / name).model
+        assert loaded.skip == "bicubic"
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), m(x), atol=1e-6)
+    # a bare state dict (no medsr metadata) is Real-ESRGAN's generator: no skip
+    assert build_from_state_dict(m.state_dict()).skip == "none"
+    with pytest.raises(UnsupportedModelError, match="skip"):
+        build_from_state_dict({**m.state_dict(), "medsr": {"descriptor": {"skip": "lanczos"}}})
+    g = fold_to_gray(m)
+    xg = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        ref = m(xg.repeat(1, 3, 1, 1)).mean(dim=1, keepdim=True)
+        assert (g(xg) - ref).abs().max().item() < 1e-5

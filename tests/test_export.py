@@ -273,3 +273,32 @@ def test_cli_writes_an_openvino_ir_that_infer_runs(tmp_path: Path) -> None:
     assert xml.is_file() and xml.with_suffix(".bin").is_file() and "no engine built" in r.output
     up = Upscaler.load(xml, device="cpu", tile=16, overlap=4)
     assert up.runtime == "openvino" and up.scale == 2
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_bicubic_skip_exports_with_parity(tmp_path: Path, exporter: str) -> None:
+    from medsr.arch import RRDBNet
+
+    torch.manual_seed(1)
+    model = RRDBNet(3, 3, 2, 8, 1, 4, skip="bicubic").eval()
+    res = export_onnx(model, tmp_path / "s.onnx", exporter=exporter)
+    assert res.parity is not None and res.parity.passed and res.parity.max_abs < 1e-4
+    modes = sorted(a.get("mode") for a in _resize_attrs(tmp_path / "s.onnx"))
+    assert b"cubic" in modes
+    assert json.loads(read_onnx_metadata(tmp_path / "s.onnx")["descriptor"])["skip"] == "bicubic"
+
+
+def test_check_onnx_refuses_a_cubic_resize_that_is_not_pytorchs(tmp_path: Path) -> None:
+    from medsr.arch import RRDBNet
+
+    model = RRDBNet(1, 1, 2, 8, 1, 4, skip="bicubic").eval()
+    export_onnx(model, tmp_path / "s.onnx", parity=False)
+    m = onnx.load(str(tmp_path / "s.onnx"))
+    for n in m.graph.node:
+        if n.op_type == "Resize":
+            for a in n.attribute:
+                if a.name == "cubic_coeff_a":
+                    a.f = -0.5  # OpenCV/Keys' a = -0.5 gives other pixels than PyTorch
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    with pytest.raises(BackendError, match="bicubic"):
+        check_onnx(tmp_path / "bad.onnx")

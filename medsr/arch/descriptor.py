@@ -11,6 +11,8 @@ class ModelDescriptor:
     """What the runtime and exporter need to know about a network, and nothing more.
 
     ``size_multiple``: LR height and width must be multiples of it (pixel-unshuffle factor).
+    ``skip``: ``"none"`` (Real-ESRGAN) or ``"bicubic"`` (the output adds the bicubic upscale of the input;
+    ``RRDBNet`` documents it). Not visible in a state dict: weights files record it in their metadata.
     """
 
     arch: str
@@ -23,6 +25,7 @@ class ModelDescriptor:
     size_multiple: int = 1
     supports_half: bool = True
     supports_bf16: bool = True
+    skip: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
 from medsr.arch.descriptor import ModelDescriptor
-from medsr.arch.rrdbnet import UNSHUFFLE, RRDBNet
+from medsr.arch.rrdbnet import SKIPS, UNSHUFFLE, RRDBNet
 
 _WRAPPERS = ("params_ema", "params", "state_dict", "model", "net_g")
 _PREFIXES = ("module.", "model.", "net_g.")
@@ -70,9 +71,20 @@ def detect_rrdbnet(sd: Mapping[str, torch.Tensor]) -> ModelDescriptor:
     )
 
 
+def recorded_skip(obj: Mapping[str, object]) -> str:
+    """The ``skip`` a medsr weights file records in its metadata (``"none"`` when absent)."""
+    meta = obj.get("medsr")
+    desc = meta.get("descriptor") if isinstance(meta, Mapping) else None
+    skip = desc.get("skip", "none") if isinstance(desc, Mapping) else "none"
+    if skip not in SKIPS:
+        raise UnsupportedModelError(f"unknown skip {skip!r} in the medsr metadata (known: {', '.join(SKIPS)})")
+    return str(skip)
+
+
 def build_from_state_dict(obj: Mapping[str, object], strict: bool = True) -> RRDBNet:
-    """Build an RRDBNet and load the weights (accepts wrapped official checkpoints)."""
+    """Build an RRDBNet and load the weights (accepts wrapped official checkpoints; a medsr metadata
+    block's ``descriptor.skip`` selects the bicubic-skip variant)."""
     sd = unwrap_state_dict(obj)
-    model = RRDBNet.from_descriptor(detect_rrdbnet(sd))
+    model = RRDBNet.from_descriptor(replace(detect_rrdbnet(sd), skip=recorded_skip(obj)))
     model.load_state_dict(sd, strict=strict)
     return model.eval()

@@ -3,6 +3,13 @@
 State-dict keys: ``conv_first``, ``body.N.rdb{1,2,3}.conv{1..5}``, ``conv_body``, ``conv_up1``,
 ``conv_up2``, ``conv_hr``, ``conv_last``. Scale 2 and 1 fold the input with pixel-unshuffle
 (written with view/permute/reshape so ONNX exporters produce the right channel order).
+
+``skip="bicubic"`` (medsr's own fidelity models, never Real-ESRGAN's) adds the bicubic upscale of the
+input to the output: the network learns only the correction to bicubic. A network trained from scratch
+then starts at bicubic's quality instead of at a constant colour, so a short CPU run converges, and what
+the network adds is a bounded residual. The skip is part of ``forward``, so every runtime and export
+(ONNX ``Resize`` cubic, OpenVINO ``Interpolate``) computes it; state-dict keys are unchanged, so the
+variant is recorded in the weights' medsr metadata (``descriptor.skip``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from torch.nn import functional as F
 from medsr.arch.descriptor import ModelDescriptor
 
 UNSHUFFLE = {4: 1, 2: 2, 1: 4}
+SKIPS = ("none", "bicubic")
 
 
 def pixel_unshuffle(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -68,8 +76,11 @@ class RRDBNet(nn.Module):
         num_feat: int = 64,
         num_block: int = 23,
         num_grow_ch: int = 32,
+        skip: str = "none",
     ) -> None:
         super().__init__()
+        if skip not in SKIPS:
+            raise ValueError(f"RRDBNet skip must be one of {', '.join(SKIPS)}, not {skip!r}")
         if scale not in UNSHUFFLE:
             raise ValueError(f"RRDBNet supports scale 1, 2 or 4, not {scale}")
         if num_block < 1 or num_feat < 1 or num_grow_ch < 1:
@@ -80,6 +91,7 @@ class RRDBNet(nn.Module):
         self.num_feat = num_feat
         self.num_block = num_block
         self.num_grow_ch = num_grow_ch
+        self.skip = skip
         r = UNSHUFFLE[scale]
         self.unshuffle = r
         self.conv_first = nn.Conv2d(num_in_ch * r * r, num_feat, 3, 1, 1)
@@ -104,13 +116,14 @@ class RRDBNet(nn.Module):
             size_multiple=self.unshuffle,
             supports_half=True,
             supports_bf16=True,
+            skip=self.skip,
         )
 
     @classmethod
     def from_descriptor(cls, d: ModelDescriptor) -> RRDBNet:
         if d.arch != "RRDBNet":
             raise ValueError(f"not an RRDBNet descriptor: {d.arch}")
-        return cls(d.in_channels, d.out_channels, d.scale, d.num_feat, d.num_block, d.num_grow_ch)
+        return cls(d.in_channels, d.out_channels, d.scale, d.num_feat, d.num_block, d.num_grow_ch, d.skip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = pixel_unshuffle(x, self.unshuffle)
@@ -119,7 +132,12 @@ class RRDBNet(nn.Module):
         feat = feat + body_feat
         feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
         feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+        out = self.conv_last(self.lrelu(self.conv_hr(feat)))
+        if self.skip == "bicubic":
+            if self.scale == 1:
+                return out + x
+            out = out + F.interpolate(x, scale_factor=float(self.scale), mode="bicubic", align_corners=False)
+        return out
 
 
 def rrdbnet_macs_per_lr_pixel(d: ModelDescriptor) -> float:

@@ -154,7 +154,8 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
 
 
 def check_onnx(path: str | Path) -> Any:
-    """onnx.checker (full check) + our graph rules: opset, dynamic N/H/W, Resize nearest/asymmetric/floor."""
+    """onnx.checker (full check) + our graph rules: opset, dynamic N/H/W, Resize nearest/asymmetric/floor
+    (or PyTorch bicubic for the skip)."""
     import onnx
 
     proto = load_onnx_proto(path)
@@ -168,8 +169,19 @@ def check_onnx(path: str | Path) -> Any:
     for node in proto.graph.node:
         if node.op_type == "Resize":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            # ONNX defaults differ from PyTorch's: the attributes that decide the result must be explicit
+            if attrs.get("mode") == b"cubic":  # the bicubic skip (arch/rrdbnet.py): PyTorch's bicubic
+                ok = (
+                    attrs.get("coordinate_transformation_mode") in (b"half_pixel", b"pytorch_half_pixel")
+                    and abs(float(attrs.get("cubic_coeff_a", 0.0)) + 0.75) < 1e-6
+                    and int(attrs.get("exclude_outside", 0)) == 0
+                    and int(attrs.get("antialias", 0)) == 0
+                )
+                if not ok:
+                    raise BackendError(f"{path}: Resize {node.name} is not PyTorch's bicubic (half_pixel, a=-0.75): {attrs}")
+                continue
             want = {"mode": b"nearest", "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"}
-            bad = {k: v for k, v in want.items() if attrs.get(k) != v}  # ONNX defaults differ: must be explicit
+            bad = {k: v for k, v in want.items() if attrs.get(k) != v}
             if bad:
                 raise BackendError(f"{path}: Resize {node.name} is not nearest/asymmetric/floor: {attrs}")
     for vi in list(proto.graph.input) + list(proto.graph.output):

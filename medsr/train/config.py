@@ -29,6 +29,9 @@ DEFAULTS: dict[str, Any] = {
         "num_feat": 64,
         "num_block": 23,
         "num_grow_ch": 32,
+        # "none": Real-ESRGAN's generator | "bicubic": output = bicubic upscale + network (from-scratch
+        # fidelity models: training starts at bicubic's quality; arch/rrdbnet.py)
+        "skip": "none",
         "pretrained": "realesrgan-x4plus",  # registry name or path (params_ema); "" = from scratch
         "pretrained_d": "",  # path to the official RealESRGAN_x4plus_netD.pth; "" = D from scratch
         "d_num_feat": 64,
@@ -230,6 +233,8 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("model.scale must be 1, 2 or 4")
     if m["channels"] not in (1, 3):
         raise ConfigError("model.channels must be 1 or 3")
+    if m["skip"] not in ("none", "bicubic"):
+        raise ConfigError("model.skip must be 'none' or 'bicubic'")
     if d["mode"] not in ("realesrgan", "classical", "paired"):
         raise ConfigError("data.mode must be 'realesrgan', 'classical' or 'paired'")
     if d["val_degradation"] not in ("bicubic", "protocol"):

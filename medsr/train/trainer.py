@@ -192,6 +192,8 @@ class Trainer:
                     "Give --pretrained PATH to a local RealESRGAN .pth, or --from-scratch to train from random init."
                 ) from e
             g = loaded.model
+            if m["skip"] != g.skip:
+                raise TrainingError(f"pretrained {spec!r} has skip {g.skip!r}, the config says model.skip={m['skip']!r}")
             if g.scale != self.scale:
                 raise TrainingError(f"pretrained {spec!r} is x{g.scale}, the config trains x{self.scale}")
             if g.num_in_ch == 3 and self.channels == 1:
@@ -204,9 +206,11 @@ class Trainer:
                     self.log(f"generator: {k}={getattr(g, k)} from the pretrained weights (config said {m[k]})")
             self.log(f"generator: {loaded.model_id} ({loaded.source}, sha256 {loaded.sha256[:12]})")
             return g.float()
-        g = RRDBNet(self.channels, self.channels, self.scale, int(m["num_feat"]), int(m["num_block"]), int(m["num_grow_ch"]))
+        g = RRDBNet(self.channels, self.channels, self.scale, int(m["num_feat"]), int(m["num_block"]), int(m["num_grow_ch"]), m["skip"])
         init_rrdb_(g)
-        self.log(f"generator: from scratch (num_feat={g.num_feat}, num_block={g.num_block}, num_grow_ch={g.num_grow_ch})")
+        self.log(
+            f"generator: from scratch (num_feat={g.num_feat}, num_block={g.num_block}, num_grow_ch={g.num_grow_ch}, skip={g.skip})"
+        )
         return g
 
     def _build_d(self) -> UNetDiscriminatorSN:
@@ -441,6 +445,20 @@ class Trainer:
             ss.append(ssim(y, hr, crop=self.scale))
         return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
 
+    def validate_bicubic(self) -> dict[str, float]:
+        """The bicubic baseline (OpenCV, as ``medsr-eval``'s ``bicubic`` row) on the validation pairs: the
+        number a fidelity model's validation PSNR/SSIM must beat."""
+        from medsr.eval.baselines import upscale_baseline
+
+        ps, ss = [], []
+        for _, lr, hr in self.val:
+            h, w = lr.shape[:2]
+            y = upscale_baseline(lr, "bicubic", (h * self.scale, w * self.scale)).reshape(h * self.scale, w * self.scale, -1)
+            hr = hr[: y.shape[0], : y.shape[1]]
+            ps.append(psnr(y, hr, crop=self.scale))
+            ss.append(ssim(y, hr, crop=self.scale))
+        return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))} if ps else {}
+
     def _csv(self, name: str, row: dict[str, Any]) -> None:
         p = self.out_dir / name
         new = not p.exists()
@@ -475,6 +493,10 @@ class Trainer:
         )
         if self.iteration >= self.total:
             self.log("nothing to do: the checkpoint is already at the last iteration")
+        if self.val and self.iteration == 0:
+            base = self.validate_bicubic()
+            self._csv("val_log.csv", {"iter": "bicubic", **base})
+            self.log(f"validation baseline (bicubic): PSNR {base['psnr']:.3f} dB, SSIM {base['ssim']:.4f}")
         loader = self._loader(self.iteration)
         sums: dict[str, torch.Tensor] = {}
         n_sum = 0
