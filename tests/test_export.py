@@ -161,7 +161,7 @@ def test_recipes_toml_match_builtin() -> None:
         assert get_recipe(name) == Recipe(name=name, **data)
     r = get_recipe("cxr_x4")
     assert (r.model, r.channels, r.scale) == ("medsr-cxr-x4", 1, 4)
-    assert (get_recipe("retina_x2").model, get_recipe("retina_x2").channels) == ("realesrgan-x2plus", 3)
+    assert (get_recipe("retina_x2").model, get_recipe("retina_x2").channels) == ("medsr-retina-x2", 3)
     with pytest.raises(KeyError, match="known"):
         get_recipe("nope")
 

@@ -68,13 +68,25 @@ def test_registry_entry_for_the_retina_model() -> None:
     e = MODELS[RETINA_MODEL]
     assert e.packaged and e.scale == 2 and e.filename == "medsr-retina-x2.safetensors"
     assert reg.cached_path(e).parent == reg.packaged_dir()
-    if not is_shipped(e):  # registered, weights not trained and pinned yet: a clear refusal
-        with pytest.raises(WeightsError, match="not shipped yet"):
-            load_model(RETINA_MODEL)
-    else:  # shipped: pinned, small, RGB x2
-        lm = load_model(RETINA_MODEL)
-        assert lm.sha256 == e.sha256 and reg.cached_path(e).stat().st_size == e.size
-        assert (lm.model.num_in_ch, lm.model.num_out_ch, lm.model.scale) == (3, 3, 2)
+    assert is_shipped(e), "medsr-retina-x2 ships (issue 21): pinned sha256 and size in the registry"
+    lm = load_model(RETINA_MODEL)
+    assert lm.sha256 == e.sha256 and reg.cached_path(e).stat().st_size == e.size and e.size < 8_000_000
+    assert (lm.model.num_in_ch, lm.model.num_out_ch, lm.model.scale) == (3, 3, 2)
+    assert lm.model.skip == "bicubic"  # output = bicubic + correction (recorded in the file's metadata)
+    # a fidelity model: on a smooth colour image it stays within a few grey levels of bicubic, no colour cast
+    import torch
+    from torch.nn import functional as F
+
+    x = torch.from_numpy(fundus(32, 40).transpose(2, 0, 1)[None].astype(np.float32))
+    with torch.no_grad():
+        y = lm.model(x)
+        bic = F.interpolate(x, scale_factor=2.0, mode="bicubic", align_corners=False)
+    assert float((y - bic).abs().mean()) < 0.02
+    assert float((y.mean(dim=(2, 3)) - x.mean(dim=(2, 3))).abs().max()) < 0.01
+    with pytest.raises(WeightsError):  # a pinned file that does not match its hash is refused
+        from medsr.weights.download import verify
+
+        verify(reg.cached_path(e), e, "0" * 64)
 
 
 def test_infer_without_model_never_runs_the_chest_model_on_a_fundus_photo(tmp_path: Path) -> None:
@@ -90,12 +102,9 @@ def test_infer_without_model_never_runs_the_chest_model_on_a_fundus_photo(tmp_pa
     assert f"model {RETINA_MODEL} for {src / 'fundus.png'} (colour image" in r.output
     assert f"model medsr-cxr-x4 for {src / 'cxr.png'} (gray image" in r.output
     assert cv2.imread(str(out / "cxr.png"), cv2.IMREAD_UNCHANGED).shape == (80, 96)
-    if is_shipped(MODELS[RETINA_MODEL]):
-        assert r.exit_code == 0, r.output
-        assert cv2.imread(str(out / "fundus.png")).shape == (48, 56, 3)
-    else:
-        assert r.exit_code == 1 and "not shipped yet" in r.output
-        assert not (out / "fundus.png").exists()  # failed clearly, not upscaled by the chest model
+    assert is_shipped(MODELS[RETINA_MODEL])
+    assert r.exit_code == 0, r.output
+    assert cv2.imread(str(out / "fundus.png")).shape == (48, 56, 3)
 
 
 # ------------------------------------------------------------------------------------ OP DICOM

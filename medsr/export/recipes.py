@@ -28,8 +28,8 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "output": "engines/cxr_x4.plan",
     },
     "retina_x2": {
-        "description": "Retina fundus photographs, x2: Real-ESRGAN x2plus, RGB",
-        "model": "realesrgan-x2plus",
+        "description": "Retina fundus photographs, x2: medsr-retina-x2, the shipped RGB fidelity model",
+        "model": "medsr-retina-x2",
         "channels": 3,
         "scale": 2,
         "output": "engines/retina_x2.plan",

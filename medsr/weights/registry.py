@@ -2,10 +2,10 @@
 
 medsr's own medical models ship inside the package (``medsr/weights/models/*.safetensors``, fp16
 storage, a few MB) and resolve offline; their sha256 is pinned here and checked on every load.
-Model cards: docs/model-card-cxr-x4.md, docs/model-card-retina-x2.md.
+Model cards: docs/model-card-cxr-x4.md, docs/model-card-retina-x2.md, docs/model-card-mr-tp.md.
 
-A packaged entry whose ``sha256`` is still ``None`` is registered but **not shipped yet** (the retina
-model until its training run lands): loading it fails with a clear "not shipped yet" error, never with a
+A packaged entry whose ``sha256`` is still ``None`` is registered but **not shipped yet** (a model
+whose training run has not landed): loading it fails with a clear "not shipped yet" error, never with a
 silent fallback to another model. Shipping it = dropping the ``.safetensors`` into
 ``medsr/weights/models/`` and filling ``sha256`` and ``size`` here.
 
@@ -84,10 +84,10 @@ MODELS: dict[str, ModelEntry] = {
             name="medsr-retina-x2",
             filename="medsr-retina-x2.safetensors",
             url="",
-            sha256=None,  # TODO(lead): sha256 of the trained file (retina_x2_compact), then size=
+            sha256="12c29391968427d9ba7bb5fd7cf39dd316cde6cda9766bc20f20b20c26392257",
             scale=2,
-            size=None,
-            description="medsr retinal fundus x2 fidelity model: RGB RRDBNet 3 blocks x 32 features, L1 only "
+            size=1_172_278,
+            description="medsr retinal fundus x2 fidelity model: RGB RRDBNet 3 blocks x 32 features + bicubic skip, L1 only "
                         "(the choice for colour fundus photographs and ophthalmic photography DICOM)",
             license="MIT (weights trained by medsr on IDRiD images, CC BY 4.0)",
             packaged=True,
