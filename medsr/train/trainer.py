@@ -493,7 +493,8 @@ class Trainer:
         )
         if self.iteration >= self.total:
             self.log("nothing to do: the checkpoint is already at the last iteration")
-        if self.val and self.iteration == 0:
+        # x1 models (the through-plane residual contract) have no bicubic counterpart: their targets are residuals
+        if self.val and self.iteration == 0 and self.scale > 1:
             base = self.validate_bicubic()
             self._csv("val_log.csv", {"iter": "bicubic", **base})
             self.log(f"validation baseline (bicubic): PSNR {base['psnr']:.3f} dB, SSIM {base['ssim']:.4f}")
