@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,19 +149,8 @@ def main(ctx: click.Context, config_path: Path | None, check: bool, log: LogOpti
 @click.option("--id", "ids", type=int, multiple=True, help="Only these item ids (default: every dead item).")
 def requeue(config_path: Path | None, ids: tuple[int, ...]) -> None:
     """Move dead-lettered items back into the queue (attempts reset); a running node picks them up."""
-    from medsr.pacs import SpoolError, WorkQueue
-
-    if config_path is None:
-        _fail("--config is required", 2)
-    cfg = _load(config_path)
-    try:
-        q = WorkQueue(cfg.spool.path, lock=False)
-    except SpoolError as e:
-        _fail(str(e), 1)
-    try:
+    with _queue(config_path) as q:
         n = q.requeue(ids or None)
-    finally:
-        q.close()
     click.echo(f"medsr-node: requeued {n} item(s)")
 
 
@@ -169,6 +160,15 @@ def requeue(config_path: Path | None, ids: tuple[int, ...]) -> None:
               type=click.Choice(["received", "processing", "outgoing", "delivered", "dead"]))
 def list_items(config_path: Path | None, state: str) -> None:
     """Show the queue's items in one state (default: the dead letters, with their reasons)."""
+    with _queue(config_path) as q:
+        click.echo("  ".join(f"{s} {n}" for s, n in q.counts().items()))
+        for it in q.items(state):
+            click.echo(f"{it.id}\t{it.key}\t{it.dead_stage or it.state}\tattempts {it.attempts}\t{it.last_error or ''}")
+
+
+@contextmanager
+def _queue(config_path: Path | None) -> Iterator[Any]:
+    """The configured spool's work queue, opened beside a running node (no lock); usage errors exit 2."""
     from medsr.pacs import SpoolError, WorkQueue
 
     if config_path is None:
@@ -179,10 +179,7 @@ def list_items(config_path: Path | None, state: str) -> None:
     except SpoolError as e:
         _fail(str(e), 1)
     try:
-        counts = q.counts()
-        click.echo("  ".join(f"{s} {n}" for s, n in counts.items()))
-        for it in q.items(state):
-            click.echo(f"{it.id}\t{it.key}\t{it.dead_stage or it.state}\tattempts {it.attempts}\t{it.last_error or ''}")
+        yield q
     finally:
         q.close()
 
