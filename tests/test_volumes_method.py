@@ -143,3 +143,25 @@ def test_training_degradation_equals_the_evaluation_simulation() -> None:
     sl = vol[2]  # (7, 24): LR axis is the columns -> transpose to rows
     pair_in = degrade_rows(np.ascontiguousarray(sl.T), 3, 3.0, 0)
     assert np.allclose(pair_in.T, interp[2], atol=1e-5)
+
+
+def test_adaptation_pairs_from_a_sparse_volume_and_a_clear_refusal_for_an_empty_one(tmp_path) -> None:
+    """A CT angiography with everything but the vessels at 0 has no slice with 15 % foreground: adaptation
+    still finds its slices with signal (it found none before and the trainer failed with an unrelated message)."""
+    from medsr.volumes.training import adaptation_pairs, configure_adaptation
+
+    arr = np.zeros((40, 40, 10), np.float32)
+    arr[18:21, :, :] = 500.0  # one 'vessel' along j, about 7 % of each k-slice
+    arr[5, 5, 5] = 3000.0  # a bright outlier stretches the range, as bone or contrast does
+    sparse = Volume(arr, np.diag([0.7, 0.7, 4.0, 1.0]))
+    counts = adaptation_pairs(sparse, tmp_path / "pairs", per_axis=4, draws=1)
+    assert counts["train"] > 0 and counts["val"] > 0 and counts["axis"] == 2
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 6), np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "empty.nii.gz"))
+    from medsr.train.config import load_config
+
+    cfg = load_config("mr_through_plane")
+    cfg["train"]["out_dir"] = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="empty.nii.gz: no in-plane slice holds signal"):
+        configure_adaptation(cfg, tmp_path / "empty.nii.gz", 1.0, lambda s: None)

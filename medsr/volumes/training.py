@@ -127,6 +127,10 @@ def slice_pairs(
     for axis in slice_axes:
         fg = np.moveaxis(vol > 0.05, axis, 0).reshape(vol.shape[axis], -1).mean(axis=1)
         ok = np.flatnonzero(fg >= min_foreground)
+        if ok.size == 0 and fg.max() > 0:
+            # sparse volumes (a CT angiography with everything but the vessels at 0: 4 % of voxels above 5 %
+            # of the range) have no slice with min_foreground: take the slices with at least half the best one's
+            ok = np.flatnonzero(fg >= 0.5 * fg.max())
         if ok.size == 0:
             continue
         pick = np.unique(ok[np.linspace(0, ok.size - 1, min(per_axis, ok.size)).round().astype(int)])
@@ -230,6 +234,8 @@ def configure_adaptation(cfg: dict, scan: str | Path, minutes: float, log: Calla
     vol = read_volume(scan)
     pairs = Path(cfg["train"]["out_dir"]) / "pairs"
     counts = adaptation_pairs(vol, pairs)
+    if counts["train"] == 0:
+        raise ValueError(f"{scan}: no in-plane slice holds signal to adapt on (the volume is empty or constant)")
     log(f"data: {counts['train']} training + {counts['val']} validation pairs from the in-plane slices of {scan} "
         f"(LR axis {'ijk'[counts['axis']]}, factor {counts['factor']})")
     _paired(cfg, pairs, True)
