@@ -10,38 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import pytest
-import torch
 from click.testing import CliRunner
-from pacs_helpers import CollectingSCP, free_port, node_toml, send, tiny_weights, wait_for
-from test_volumes_io import make_series
+from pacs_helpers import (
+    CollectingSCP,
+    ct_series,
+    free_port,
+    node_toml,
+    send,
+    tiny_volume,
+    tiny_weights,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STABLE = 3.0  # generous: a loaded 2-core VM may take a second per C-STORE
-
-
-def tiny_volume() -> Any:
-    """A seeded tiny x1 RRDBNet (1 channel) as the through-plane model, in-process."""
-    from medsr import Upscaler
-    from medsr.arch import RRDBNet
-    from medsr.runtime import TileConfig, TorchBackend
-    from medsr.volumes import VolumeUpscaler
-
-    torch.manual_seed(0)
-    m = RRDBNet(1, 1, 1, num_feat=8, num_block=1, num_grow_ch=4).eval()
-    return VolumeUpscaler(Upscaler(TorchBackend(m, device="cpu"), TileConfig(tile=32, overlap=4, batch=1),
-                                   model_id="tiny_x1"))
-
-
-def ct_series(folder: Path, series_uid: str, n: int = 5, **kw: Any) -> list[Any]:
-    """A synthetic CT series (tests/test_volumes_io.make_series: 24x28, 1.5 mm pixels, 3 mm slices), in
-    slice order, as datasets to send."""
-    kw = {"rows": 24, "cols": 28, "step": (0, 0, 3.0), "spacing": (1.5, 1.5), "shuffle": False, **kw}
-    files = make_series(folder, n=n, series_uid=series_uid, **kw)
-    return [pydicom.dcmread(f) for f in files]
 
 
 def _config(tmp_path: Path, dest_port: int, stable_age: float = STABLE, extra: str = "") -> Any:
