@@ -249,7 +249,8 @@ def test_ct_series_comes_back_as_one_derived_series(orthanc: Orthanc, tmp_path: 
     try:
         assert wait_listening(NODE, proc, 300), log.read_text()[-3000:]
         study = "1.2.826.0.1.3680043.8.498.4242.6"
-        srcs = ct_series(tmp_path / "src", f"{study}.1", n=5, study=study)  # 5 slices of 3 mm, 1.5 mm pixels
+        # 5 slices of 3 mm, 1.5 mm pixels, 40x48 (big enough for JPEG 2000, the default with Orthanc's GDCM plugin)
+        srcs = ct_series(tmp_path / "src", f"{study}.1", n=5, study=study, rows=40, cols=48)
         assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0] * 5
         derived: list[dict[str, Any]] = []
 
@@ -269,7 +270,7 @@ def test_ct_series_comes_back_as_one_derived_series(orthanc: Orthanc, tmp_path: 
         assert all(abs(b - a - 1.5) < 1e-3 for a, b in zip(z, z[1:], strict=False)), z
         inst = derived[0]["Instances"][0]
         assert orthanc.get(f"/instances/{inst}/metadata/RemoteAET") == b"MEDSR"
-        assert _png_size(orthanc.get(f"/instances/{inst}/preview")) == (28, 24)  # Orthanc decodes it
+        assert _png_size(orthanc.get(f"/instances/{inst}/preview")) == (48, 40)  # Orthanc decodes it
         time.sleep(4.0)  # the study is stable again: the derived series is not routed back to the node
         assert len(orthanc.get(f"/studies/{orthanc.lookup(study)}/series")) == 2
         assert _queue_counts(tmp_path / "spool")["dead"] == 0
