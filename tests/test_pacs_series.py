@@ -66,10 +66,12 @@ def test_ct_series_sent_slice_by_slice_arrives_as_one_derived_series(tmp_path: P
     srcs = ct_series(tmp_path / "src", "1.2.826.0.1.3680043.8.498.77.1")
     with _node(_config(tmp_path, dest.port)) as node:
         t_last = 0.0
-        for ds in srcs:  # one association per slice, 0.6 s apart: 2.4 s in all, longer than the quiet time
+        t_first = time.monotonic()
+        for ds in srcs:  # one association per slice, 1 s apart: over 4 s in all, longer than the quiet time
             assert send(node.port, [ds]) == [0]
             t_last = time.monotonic()
-            time.sleep(0.6)
+            time.sleep(1.0)
+        assert t_last - t_first > STABLE
         # the quiet time counts from the last instance, not the first
         assert node.queue.count("received") + node.queue.count("processing") == 5
         assert not dest.received and time.monotonic() - t_last < STABLE
