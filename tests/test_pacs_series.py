@@ -190,6 +190,12 @@ def test_volumes_off_refuses_ct_and_config_is_checked(tmp_path: Path, dest: Coll
 
     with Node(replace(cfg, volumes=replace(cfg.volumes, enabled=True)), upscalers=[tiny_upscaler()]) as node:
         assert send(node.port, srcs[:1]) == [0x0122]
+    # members collected, then the node restarts without the volume path: dead-lettered (requeue brings them back)
+    with _node(_config(tmp_path, dest.port, stable_age=60)) as node:
+        assert send(node.port, srcs) == [0, 0]
+    with Node(cfg, upscalers=[tiny_upscaler()]) as node:
+        dead = node.queue.items("dead")
+        assert len(dead) == 2 and all("[volumes]" in (d.last_error or "") for d in dead)
 
 
 def test_queue_series_claim_and_schema_upgrade(tmp_path: Path) -> None:

@@ -93,6 +93,11 @@ class Node:
             self._reserve = int(min(8e6, self.config.listen.min_free_mb * 1e6 / 4))
             q.ensure_reserve(self._reserve)
             resumed, dead = q.recover(cfg.spool.max_attempts)
+            if self._volume is None:
+                n = q.dead_series_members("CT/MR series member, but this node runs without the volume path "
+                                          "([volumes] enabled = false); requeue it once it is on")
+                if n:
+                    log.warning("spool: dead-lettered %d CT/MR series member(s): [volumes] is off", n)
             q.prune(cfg.spool.keep_delivered_days * 86400)
             c = q.counts()
             if resumed or dead or c["received"] or c["outgoing"]:

@@ -352,6 +352,14 @@ class WorkQueue:
 
         return [self.get(i) for i in self._tx(run)]
 
+    def dead_series_members(self, reason: str) -> int:
+        """Dead-letter every received member of a series (a node started without the volume path: nothing
+        would ever claim them; ``medsr-node requeue`` brings them back once it is on)."""
+        now = time.time()
+        return int(self._tx(lambda db: db.execute(
+            "UPDATE items SET state = 'dead', dead_stage = 'series', last_error = ?, updated = ? "
+            "WHERE series IS NOT NULL AND state = 'received'", (reason, now)).rowcount))
+
     def get(self, item_id: int) -> Item:
         rows = self._rows("WHERE id = ?", (item_id,))
         if not rows:
