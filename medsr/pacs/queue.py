@@ -16,6 +16,11 @@ States::
                               dead ◄───────┘   (input bad, permanent refusal, retries exhausted)
     dead ──``medsr-node requeue``──► received (or outgoing when the derived file exists)
 
+CT/MR instances (``series`` set: their SeriesInstanceUID) are received the same way but claimed only with
+their series, as a unit, once it is stable (:meth:`WorkQueue.claim_series`); the derived slices of a series
+become new outgoing items in the transaction that records its members as delivered
+(:meth:`WorkQueue.series_upscaled`).
+
 A claimed item carries a lease (the id of the node run holding it). At start every lease of an earlier run
 is a crash (or a kill): the item goes back with one more attempt, so an instance that kills the process
 ends in dead-letter after ``max_attempts`` instead of a crash loop. Items of one key are worked strictly in
