@@ -34,6 +34,44 @@ def tiny_weights(path: Path) -> Path:
     return path
 
 
+def tiny_x1_weights(path: Path) -> Path:
+    """A seeded tiny x1 1-channel RRDBNet saved as .pth: a through-plane model for the volume path."""
+    from medsr.arch import RRDBNet
+
+    torch.manual_seed(0)
+    torch.save({"params_ema": RRDBNet(1, 1, 1, num_feat=8, num_block=1, num_grow_ch=4).state_dict()}, path)
+    return path
+
+
+def tiny_volume() -> Any:
+    """The same tiny x1 model as an in-process VolumeUpscaler (PyTorch, CPU)."""
+    from medsr import Upscaler
+    from medsr.arch import RRDBNet
+    from medsr.runtime import TileConfig, TorchBackend
+    from medsr.volumes import VolumeUpscaler
+
+    torch.manual_seed(0)
+    m = RRDBNet(1, 1, 1, num_feat=8, num_block=1, num_grow_ch=4).eval()
+    return VolumeUpscaler(Upscaler(TorchBackend(m, device="cpu"), TileConfig(tile=32, overlap=4, batch=1),
+                                   model_id="tiny_x1"))
+
+
+def ct_series(folder: Path, series_uid: str, n: int = 5, study: str | None = None, **kw: Any) -> list[Any]:
+    """A synthetic CT series (tests/test_volumes_io.make_series: 24x28, 1.5 mm pixels, 3 mm slices), in slice
+    order, as datasets to send; ``study``: its StudyInstanceUID (default make_series')."""
+    import pydicom
+    from test_volumes_io import make_series
+
+    kw = {"rows": 24, "cols": 28, "step": (0, 0, 3.0), "spacing": (1.5, 1.5), "shuffle": False, **kw}
+    out = []
+    for f in make_series(folder, n=n, series_uid=series_uid, **kw):
+        ds = pydicom.dcmread(f)
+        if study:
+            ds.StudyInstanceUID = study
+        out.append(ds)
+    return out
+
+
 def tiny_upscaler() -> Any:
     from medsr import Upscaler
     from medsr.arch import fold_to_gray

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from pacs_helpers import (
     SCALE,
+    ct_series,
     engine_of,
     expected_derived_uid,
     node_toml,
@@ -28,6 +29,7 @@ from pacs_helpers import (
     start_node_process,
     stop_process,
     tiny_weights,
+    tiny_x1_weights,
     wait_for,
     wait_listening,
 )
@@ -230,6 +232,52 @@ def test_round_trip_same_study_with_preview(orthanc: Orthanc, node) -> None:
     assert "medsr_node_done_total 3.0" in metrics
     assert stop_process(proc, signal.SIGTERM) == 0
     assert "Traceback" not in node.log_text() and "SECRET" not in node.log_text()
+
+
+@pytest.mark.timeout(400)
+def test_ct_series_comes_back_as_one_derived_series(orthanc: Orthanc, tmp_path: Path) -> None:
+    """A CT series stored in Orthanc is routed to the node (Lua, on the stable study), collected until stable
+    ([volumes] stable_age), upscaled through-plane (tiny x1 model) and stored back as one new series of the
+    same study, which is not routed again."""
+    cfg = tmp_path / "ct.toml"
+    cfg.write_text(node_toml(tmp_path / "spool", NODE, DICOM, weights=tiny_weights(tmp_path / "tiny.pth"),
+                             allowed=("ORTHANC",), dest_ae="ORTHANC", syntax=ORTHANC_SYNTAX,
+                             extra=f'[volumes]\nmodel = "{tiny_x1_weights(tmp_path / "tiny_x1.pth")}"\n'
+                                   "stable_age = 2\n"))
+    log = tmp_path / "ct.log"
+    proc = start_node_process(cfg, log)
+    try:
+        assert wait_listening(NODE, proc, 300), log.read_text()[-3000:]
+        study = "1.2.826.0.1.3680043.8.498.4242.6"
+        # 5 slices of 3 mm, 1.5 mm pixels, 40x48 (big enough for JPEG 2000, the default with Orthanc's GDCM plugin)
+        srcs = ct_series(tmp_path / "src", f"{study}.1", n=5, study=study, rows=40, cols=48)
+        assert send(DICOM, srcs, calling="MODALITY", called="ORTHANC") == [0] * 5
+        derived: list[dict[str, Any]] = []
+
+        def arrived() -> bool:
+            nonlocal derived
+            sid = orthanc.lookup(study)
+            series = orthanc.get(f"/studies/{sid}/series") if sid else []
+            derived = [s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] != f"{study}.1"]
+            return bool(derived) and len(derived[0]["Instances"]) >= 10
+
+        assert wait_for(arrived, 300, 0.5), log.read_text()[-3000:]
+        assert len(derived) == 1 and len(derived[0]["Instances"]) == 10  # one new series: 5 x 2 slices
+        tags = [orthanc.get(f"/instances/{i}/simplified-tags") for i in derived[0]["Instances"]]
+        assert all(t["StudyInstanceUID"] == study and t["Modality"] == "CT" for t in tags)
+        assert all(t["ImageType"].startswith("DERIVED\\SECONDARY") for t in tags)
+        z = sorted(float(t["ImagePositionPatient"].split("\\")[2]) for t in tags)
+        assert all(abs(b - a - 1.5) < 1e-3 for a, b in zip(z, z[1:], strict=False)), z
+        inst = derived[0]["Instances"][0]
+        assert orthanc.get(f"/instances/{inst}/metadata/RemoteAET") == b"MEDSR"
+        assert _png_size(orthanc.get(f"/instances/{inst}/preview")) == (48, 40)  # Orthanc decodes it
+        time.sleep(4.0)  # the study is stable again: the derived series is not routed back to the node
+        assert len(orthanc.get(f"/studies/{orthanc.lookup(study)}/series")) == 2
+        assert _queue_counts(tmp_path / "spool")["dead"] == 0
+    finally:
+        assert stop_process(proc, signal.SIGTERM) == 0
+    text = log.read_text()
+    assert "Traceback" not in text and "upscaled series" in text, text[-3000:]
 
 
 @pytest.mark.timeout(400)

@@ -67,6 +67,19 @@ def build_upscalers(cfg: Any) -> list[Any]:
                           tile=m.tile, overlap=m.overlap, batch=m.batch) for dev in m.devices]
 
 
+def build_volume_upscaler(cfg: Any) -> Any:
+    """The through-plane :class:`medsr.volumes.VolumeUpscaler` for CT/MR series (``[volumes] model``, default
+    medsr-mr-tp) on the first ``[model] devices`` entry, by the loading rule of medsr-infer; None when
+    ``[volumes] enabled = false``."""
+    if not cfg.volumes.enabled:
+        return None
+    from medsr.volumes import VolumeUpscaler
+
+    m = cfg.model
+    return VolumeUpscaler.load(cfg.volumes.model, device=m.devices[0], precision=m.precision, tile=m.tile,
+                               overlap=m.overlap, batch=m.batch)
+
+
 def _load(config_path: Path) -> Any:
     from medsr.pacs import ConfigError, load_config
 
@@ -116,13 +129,15 @@ def main(ctx: click.Context, config_path: Path | None, check: bool, log: LogOpti
         logger.info("loading model %s on %s ... (not listening until ready)", m.engine or m.name, ", ".join(m.devices))
         t0 = time.perf_counter()
         upscalers = build_upscalers(cfg)
-        logger.info("model loaded in %.1f s: %s", time.perf_counter() - t0,
-                    "; ".join(u.describe() if hasattr(u, "describe") else type(u).__name__ for u in upscalers))
+        volume = build_volume_upscaler(cfg)
+        logger.info("model loaded in %.1f s: %s%s", time.perf_counter() - t0,
+                    "; ".join(u.describe() if hasattr(u, "describe") else type(u).__name__ for u in upscalers),
+                    f"; CT/MR series: {volume!r}" if volume is not None else "")
         if check:
             WorkQueue(cfg.spool.path).close()
             click.echo(f"medsr-node: {config_path}: OK")
             return
-        node = Node(cfg, upscalers=upscalers)
+        node = Node(cfg, upscalers=upscalers, volume=volume)
         node.start()
         logger.info("ready in %.1f s (model load included)", time.perf_counter() - t0)
     except ConfigError as e:

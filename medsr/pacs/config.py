@@ -29,6 +29,13 @@ DEFAULT_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.77.1.5.2": "Ophthalmic Photography 16 Bit Image Storage",
 }
 
+#: CT/MR image storage SOP classes collected into series and upscaled through-plane when ``[volumes]`` is
+#: enabled (docs/pacs.md, "CT and MR series")
+VOLUME_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+}
+
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
 
@@ -123,6 +130,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class VolumesConfig:
+    enabled: bool = True  # CT/MR image storage instances are collected per series and upscaled as volumes
+    stable_age: float = 60.0  # seconds without a new instance before a series is processed (Orthanc's StableAge)
+    model: str | None = None  # through-plane model (name or weights file); None: medsr-mr-tp
+    factor: float | None = None  # through-plane factor; None: the slice spacing over the in-plane spacing
+    spacing: float | None = None  # or a target slice spacing in mm
+
+    @property
+    def sop_classes(self) -> tuple[str, ...]:
+        return tuple(VOLUME_SOP_CLASSES) if self.enabled else ()
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -132,6 +152,12 @@ class NodeConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_level: str = "info"
     source: Path | None = None  # the TOML file
+    volumes: VolumesConfig = field(default_factory=VolumesConfig)
+
+    @property
+    def accepted_sop_classes(self) -> tuple[str, ...]:
+        """What the SCP accepts and the forwarder proposes: filters.sop_classes, plus CT/MR with [volumes]."""
+        return tuple(dict.fromkeys((*self.filters.sop_classes, *self.volumes.sop_classes)))
 
 
 # --------------------------------------------------------------------------------------- checking
@@ -175,10 +201,11 @@ class _Checker:
             return default
         return value
 
-    def number(self, t: dict[str, Any], sect: str, key: str, default: float, lo: float, positive: bool = False) -> float:
+    def number(self, t: dict[str, Any], sect: str, key: str, default: float, lo: float, positive: bool = False,
+               unit: str = "seconds") -> float:
         value = t.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (positive and value <= 0):
-            self.fail(f"{sect}.{key}", f"must be a number {'> ' if positive else '>= '}{lo:g} (seconds), got {_show(value)}")
+            self.fail(f"{sect}.{key}", f"must be a number {'> ' if positive else '>= '}{lo:g} ({unit}), got {_show(value)}")
             return default
         return float(value)
 
@@ -207,6 +234,20 @@ class _Checker:
             self.fail(f"{sect}.{key}", f"file not found: {p}")
         return p
 
+    def model_name(self, name: str | None, where: str) -> str | None:
+        """A registered model name, or a weights path resolved against the TOML's folder (checked)."""
+        if isinstance(name, str) and ("/" in name or "\\" in name or Path(name).suffix):
+            p = self.path(name)
+            if not p.is_file():
+                self.fail(where, f"weights file not found: {p}")
+            return str(p)
+        if isinstance(name, str):
+            from medsr.weights.registry import MODELS, find_entry
+
+            if find_entry(name) is None:
+                self.fail(where, f"unknown model {name!r} (registered: {', '.join(sorted(MODELS))}; or a weights path)")
+        return name
+
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base / p
@@ -220,7 +261,7 @@ def _show(value: Any) -> str:
 def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> NodeConfig:
     """A :class:`NodeConfig` from parsed TOML; raises :class:`ConfigError` listing every problem."""
     c = _Checker(base)
-    sections = {"listen", "filters", "destination", "model", "spool", "metrics", "log"}
+    sections = {"listen", "filters", "destination", "model", "spool", "metrics", "log", "volumes"}
     for key in data:
         if key not in sections:
             c.fail(key, f"unknown section or setting (known sections: {', '.join(sorted(sections))})")
@@ -373,16 +414,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
             c.fail("model", "give either name (weights) or engine, not both")
         elif engine is not None and not engine.is_file():
             c.fail("model.engine", f"file not found: {engine}")
-    if isinstance(name, str) and ("/" in name or "\\" in name or Path(name).suffix):
-        p = c.path(name)
-        if not p.is_file():
-            c.fail("model.name", f"weights file not found: {p}")
-        name = str(p)
-    elif isinstance(name, str):
-        from medsr.weights.registry import MODELS, find_entry
-
-        if find_entry(name) is None:
-            c.fail("model.name", f"unknown model {name!r} (registered: {', '.join(sorted(MODELS))}; or a weights path)")
+    name = c.model_name(name, "model.name")
     devices = c.strings(t, "model", "devices", m.devices)
     if not devices:
         c.fail("model.devices", "must name at least one device (e.g. [\"cpu\"] or [\"cuda:0\", \"cuda:1\"])")
@@ -433,12 +465,40 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     t = c.table(data, "log", {"level"})
     level = c.string(t, "log", "level", "info", ("debug", "info", "warning", "error"))
 
+    # [volumes]
+    t = c.table(data, "volumes", {"enabled", "stable_age", "model", "factor", "spacing"})
+    v = VolumesConfig()
+    enabled = t.get("enabled", v.enabled)
+    if not isinstance(enabled, bool):
+        c.fail("volumes.enabled", f"must be true or false, got {_show(enabled)}")
+        enabled = v.enabled
+    vmodel = t.get("model")
+    if vmodel is not None and not (isinstance(vmodel, str) and vmodel):
+        c.fail("volumes.model", f"must be a model name or weights path, got {_show(vmodel)}")
+        vmodel = None
+    factor = spacing = None
+    if "factor" in t:
+        factor = c.number(t, "volumes", "factor", 2.0, 1.0, unit="through-plane factor")
+        if factor > 8:
+            c.fail("volumes.factor", f"must be at most 8 (the through-plane models are trained for 2-4), got {factor:g}")
+    if "spacing" in t:
+        spacing = c.number(t, "volumes", "spacing", 1.0, 0, positive=True, unit="mm")
+    if factor is not None and spacing is not None:
+        c.fail("volumes", "give factor or spacing, not both")
+    volumes = VolumesConfig(
+        enabled=enabled,
+        stable_age=c.number(t, "volumes", "stable_age", v.stable_age, 0, positive=True),
+        model=c.model_name(vmodel, "volumes.model"),
+        factor=factor,
+        spacing=spacing,
+    )
+
     if listen.port == metrics.port and listen.address == metrics.address and metrics.port:
         c.fail("metrics.port", "is the DICOM listen port")
     if c.errors:
         where = str(source) if source else "config"
         raise ConfigError(f"{where}: {len(c.errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in c.errors))
-    return NodeConfig(listen, filters, dest, model, spool, metrics, level, source)
+    return NodeConfig(listen, filters, dest, model, spool, metrics, level, source, volumes)
 
 
 def load_config(path: str | Path) -> NodeConfig:

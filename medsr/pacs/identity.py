@@ -7,6 +7,11 @@
 - **UID root**: ``[model] uid_root`` (an organisation's root); default medsr's.
 - **Series Date / Time**: the source series' (else the study's), so every instance of one derived series
   carries the same values whatever the time each one was upscaled.
+- **CT/MR series** (the volume path, :func:`finish_series`): the derived series' UIDs (from the source series
+  UID, weights, factor and slice index: medsr.volumes.derive) made specific to the *content* of the
+  collected series, the sha256 of its (SOP Instance UID, pixel sha256) pairs: the same series re-sent gives the
+  same UIDs; another set of slices (a late slice collected alone, a re-sent series with other pixels) gives
+  another derived series, never other pixels under a UID already sent.
 
 Not in the UIDs: precision (fp32 / bf16 / fp16) and engine (torch / ONNX / OpenVINO / TensorRT) of one set of
 weights. They change output pixels by at most a few grey levels; a node whose precision or engine changes
@@ -40,9 +45,37 @@ def final_uids(base_sop: str, base_series: str, src_pixel_sha256: str, uid_root:
     return str(sop), str(series)
 
 
+def series_digest(members: list[tuple[str, str]]) -> str:
+    """The content of a collected series: sha256 of its sorted (SOP Instance UID, pixel sha256) pairs."""
+    h = hashlib.sha256()
+    for uid, pix in sorted(members):
+        h.update(f"{uid}\0{pix}\n".encode())
+    return h.hexdigest()
+
+
+def series_final_uids(base_sop: str, base_series: str, content: str, uid_root: str | None) -> tuple[str, str]:
+    """(SOP Instance UID, Series Instance UID) the node sends for a derived slice of a CT/MR series."""
+    from pydicom.uid import generate_uid
+
+    root = _root(uid_root)
+    sop = generate_uid(root, entropy_srcs=["medsr-node", "volume-sop", base_sop, content])
+    series = generate_uid(root, entropy_srcs=["medsr-node", "volume-series", base_series, content])
+    return str(sop), str(series)
+
+
+def finish_series(derived: Any, src: Any, content: str, uid_root: str | None) -> None:
+    """:func:`finish` for a derived slice of a CT/MR series (``src``: a source header of the series)."""
+    sop, series = series_final_uids(str(derived.SOPInstanceUID), str(derived.SeriesInstanceUID), content, uid_root)
+    _set(derived, src, sop, series)
+
+
 def finish(derived: Any, src: Any, uid_root: str | None) -> None:
     """Set the node's UIDs and the deterministic series date/time on a derived dataset (in place)."""
     sop, series = final_uids(str(derived.SOPInstanceUID), str(derived.SeriesInstanceUID), pixel_digest(src), uid_root)
+    _set(derived, src, sop, series)
+
+
+def _set(derived: Any, src: Any, sop: str, series: str) -> None:
     derived.SOPInstanceUID = sop
     derived.SeriesInstanceUID = series
     meta = getattr(derived, "file_meta", None)

@@ -11,12 +11,14 @@ Guarantees:
   node reports unhealthy (``Node.broken``; the CLI exits with status 3 for its supervisor to restart it);
 - logs name SOP Instance UIDs at most (no patient or study attributes), with control characters escaped.
 
-The node depends on an injected :class:`~medsr.pacs.protocol.DicomUpscaler` per worker; it never builds
+The node depends on an injected :class:`~medsr.pacs.protocol.DicomUpscaler` per worker, and for CT/MR
+series on one injected :class:`~medsr.pacs.protocol.VolumeMethod` (medsr/pacs/series.py); it never builds
 models itself (medsr/cli/node.py does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,10 +27,11 @@ from typing import Any
 from medsr.pacs.config import NodeConfig
 from medsr.pacs.forward import make_forwarder
 from medsr.pacs.metrics import Metrics
-from medsr.pacs.protocol import DicomUpscaler
+from medsr.pacs.protocol import DicomUpscaler, VolumeMethod
 from medsr.pacs.queue import WorkQueue
 from medsr.pacs.receive import Receiver, free_mb
 from medsr.pacs.safe import printable
+from medsr.pacs.series import SeriesStage
 from medsr.pacs.spool import migrate_legacy
 from medsr.pacs.stages import ForwardStage, UpscaleStage
 
@@ -36,14 +39,20 @@ log = logging.getLogger("medsr.pacs")
 
 
 class Node:
-    """The whole node; ``start()`` / ``stop()``, or ``with Node(cfg, upscalers=[...]) as node: ...``."""
+    """The whole node; ``start()`` / ``stop()``, or ``with Node(cfg, upscalers=[...]) as node: ...``.
 
-    def __init__(self, config: NodeConfig, *, upscalers: list[DicomUpscaler], registry: Any = None) -> None:
+    ``volume``: the volume method for CT/MR series (``[volumes]``); without one the node accepts no CT/MR
+    instances, whatever ``[volumes] enabled`` says (the CLI always gives one when it is enabled)."""
+
+    def __init__(self, config: NodeConfig, *, upscalers: list[DicomUpscaler], registry: Any = None,
+                 volume: VolumeMethod | None = None) -> None:
         if not upscalers:
             raise ValueError("a node needs at least one upscaler (medsr.cli.node.build_upscalers builds them)")
         self.config = config
         self.metrics = Metrics(registry)
         self._upscalers = list(upscalers)
+        self._volume = volume if config.volumes.enabled else None
+        self.series: SeriesStage | None = None
         self.queue: WorkQueue | None = None
         self.receiver: Receiver | None = None
         self.upscale: UpscaleStage | None = None
@@ -84,6 +93,11 @@ class Node:
             self._reserve = int(min(8e6, self.config.listen.min_free_mb * 1e6 / 4))
             q.ensure_reserve(self._reserve)
             resumed, dead = q.recover(cfg.spool.max_attempts)
+            if self._volume is None:
+                n = q.dead_series_members("CT/MR series member, but this node runs without the volume path "
+                                          "([volumes] enabled = false); requeue it once it is on")
+                if n:
+                    log.warning("spool: dead-lettered %d CT/MR series member(s): [volumes] is off", n)
             q.prune(cfg.spool.keep_delivered_days * 86400)
             c = q.counts()
             if resumed or dead or c["received"] or c["outgoing"]:
@@ -96,8 +110,11 @@ class Node:
             self.upscale = UpscaleStage(cfg, q, self.metrics, self._stop, on_broken=self._on_broken,
                                         on_upscaled=lambda: self.forward.wake.set() if self.forward else None)
             self.forward = ForwardStage(cfg, q, self.metrics, self._stop)
+            if self._volume is not None:
+                self.series = SeriesStage(cfg, q, self.metrics, self._stop, on_broken=self._on_broken,
+                                          on_upscaled=lambda: self.forward.wake.set() if self.forward else None)
             self.receiver = Receiver(cfg, q, self.metrics, stopping=self._stop.is_set,
-                                     on_queued=self.upscale.wake.set)
+                                     on_queued=self.upscale.wake.set, volumes=self._volume is not None)
             self.receiver.start()
             if cfg.metrics.port:
                 self._start_metrics()
@@ -106,16 +123,20 @@ class Node:
             raise
         for i, up in enumerate(self._upscalers):
             self._spawn(f"medsr-upscale-{i}", self.upscale.run, up)
-        sources = cfg.filters.sop_classes
+        if self.series is not None:
+            self._spawn("medsr-series-0", self.series.run, self._volume)
+        sources = cfg.accepted_sop_classes if self._volume is not None else cfg.filters.sop_classes
         for i in range(cfg.spool.forwarders):
             self._spawn(f"medsr-forward-{i}", self.forward.run,
                         lambda: make_forwarder(cfg.destination, cfg.listen.ae_title, sources))
         self._spawn("medsr-housekeeping", self._housekeeping)
         self.started = True
         log.info(
-            "listening as %s on %s:%d%s (calling AEs allowed: %s); forwarding to %s; %d worker(s), spool %s",
+            "listening as %s on %s:%d%s (calling AEs allowed: %s); forwarding to %s; %d worker(s), spool %s%s",
             cfg.listen.ae_title, cfg.listen.address, self.port, " (TLS)" if cfg.listen.tls_cert else "",
             ", ".join(cfg.listen.allowed_calling_aets), self._dest_text(), len(self._upscalers), cfg.spool.path,
+            f"; CT/MR series upscaled as volumes after {cfg.volumes.stable_age:g} s without a new instance"
+            if self.series is not None else "",
         )
 
     def _dest_text(self) -> str:
@@ -184,7 +205,7 @@ class Node:
         interval = self.config.metrics.status_interval
         n = 0
         while not self._stop.wait(1.0):
-            q, up, fw = self.queue, self.upscale, self.forward
+            q, up, fw, se = self.queue, self.upscale, self.forward, self.series
             if q is None or up is None or fw is None:
                 continue
             fw.record_unrecorded()
@@ -195,13 +216,17 @@ class Node:
             except OSError:
                 pass
             try:
-                with up._mu, fw._mu:  # no claim can slip between the snapshot and the release
-                    given = q.release_orphans(up.held_ids() | fw.held_ids(), up.backoff(min(n, 6)))
+                with up._mu, fw._mu, (se._mu if se is not None else contextlib.nullcontext()):
+                    # no claim can slip between the snapshot and the release
+                    held = up.held_ids() | fw.held_ids() | (se.held_ids() if se is not None else set())
+                    given = q.release_orphans(held, up.backoff(min(n, 6)))
                 n = 0 if not given else n
                 if given:
                     log.info("gave back %d item(s) whose last step failed on the spool", given)
                     up.wake.set()
                     fw.wake.set()
+                    if se is not None:
+                        se.wake.set()
             except Exception as e:
                 log.warning("housekeeping: spool not writable yet (%s)", printable(e))
             if interval > 0 and time.monotonic() - last_status >= interval:

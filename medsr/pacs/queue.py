@@ -16,6 +16,11 @@ States::
                               dead ◄───────┘   (input bad, permanent refusal, retries exhausted)
     dead ──``medsr-node requeue``──► received (or outgoing when the derived file exists)
 
+CT/MR instances (``series`` set: their SeriesInstanceUID) are received the same way but claimed only with
+their series, as a unit, once it is stable (:meth:`WorkQueue.claim_series`); the derived slices of a series
+become new outgoing items in the transaction that records its members as delivered
+(:meth:`WorkQueue.series_upscaled`).
+
 A claimed item carries a lease (the id of the node run holding it). At start every lease of an earlier run
 is a crash (or a kill): the item goes back with one more attempt, so an instance that kills the process
 ends in dead-letter after ``max_attempts`` instead of a crash loop. Items of one key are worked strictly in
@@ -63,11 +68,14 @@ CREATE TABLE IF NOT EXISTS items (
     calling_ae TEXT,
     peer TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    series TEXT
 );
 CREATE INDEX IF NOT EXISTS items_state_due ON items (state, due);
 CREATE INDEX IF NOT EXISTS items_key ON items (key, state);
 """
+#: created after the ``series`` column exists (a spool of an earlier version gets the column first)
+_SERIES_INDEX = "CREATE INDEX IF NOT EXISTS items_series ON items (series, state)"
 
 
 class SpoolError(RuntimeError):
@@ -92,6 +100,8 @@ class Item:
     peer: str | None
     created: float
     updated: float
+    #: CT/MR instance collected into its series (the SeriesInstanceUID): worked as one volume, never alone
+    series: str | None = None
 
 
 _COLS = ", ".join(Item.__dataclass_fields__)
@@ -143,6 +153,9 @@ class WorkQueue:
             self.db.execute("PRAGMA wal_autocheckpoint=64")
             self.db.execute("PRAGMA journal_size_limit=1048576")
             self.db.executescript(_SCHEMA)
+            if "series" not in {r[1] for r in self.db.execute("PRAGMA table_info(items)")}:
+                self.db.execute("ALTER TABLE items ADD COLUMN series TEXT")  # a spool of an earlier version
+            self.db.execute(_SERIES_INDEX)
             probe = self.tmp / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -233,9 +246,11 @@ class WorkQueue:
         return self.payload / f"{item.file}.out.dcm"
 
     # receive -----------------------------------------------------------------------------------
-    def add(self, key: str, src: Path | bytes, *, calling_ae: str = "", peer: str = "") -> int:
+    def add(self, key: str, src: Path | bytes, *, calling_ae: str = "", peer: str = "",
+            series: str | None = None) -> int:
         """Make a received instance durable (file data + folder entry fsynced, then the row committed) and
-        queue it. ``src``: a finished file in ``tmp/`` (hard-linked, else copied) or the encoded bytes."""
+        queue it. ``src``: a finished file in ``tmp/`` (hard-linked, else copied) or the encoded bytes.
+        ``series``: a CT/MR instance, collected into that series (:meth:`claim_series`)."""
         name = uuid.uuid4().hex
         dst = self.payload / f"{name}.dcm"
         try:
@@ -258,8 +273,8 @@ class WorkQueue:
         now = time.time()
         try:
             return int(self._tx(lambda db: db.execute(
-                "INSERT INTO items (key, file, state, due, calling_ae, peer, created, updated) "
-                "VALUES (?, ?, 'received', ?, ?, ?, ?, ?)", (key, name, now, calling_ae, peer, now, now),
+                "INSERT INTO items (key, file, state, due, calling_ae, peer, created, updated, series) "
+                "VALUES (?, ?, 'received', ?, ?, ?, ?, ?, ?)", (key, name, now, calling_ae, peer, now, now, series),
             ).lastrowid, durable=True))
         except SpoolFault:
             dst.unlink(missing_ok=True)
@@ -304,7 +319,8 @@ class WorkQueue:
 
         def run(db: sqlite3.Connection) -> int | None:
             row = db.execute(
-                "SELECT i.id FROM items i WHERE i.state = ? AND i.lease IS NULL AND i.due <= ? AND NOT EXISTS "
+                "SELECT i.id FROM items i WHERE i.state = ? AND i.lease IS NULL AND i.due <= ? AND i.series IS NULL "
+                "AND NOT EXISTS "
                 "(SELECT 1 FROM items o WHERE o.key = i.key AND o.id < i.id AND o.state IN "
                 "('received', 'processing', 'outgoing')) ORDER BY i.due, i.id LIMIT 1", (state, now),
             ).fetchone()
@@ -316,6 +332,38 @@ class WorkQueue:
 
         got = self._tx(run)
         return None if got is None else self.get(got)
+
+    def claim_series(self, stable_age: float) -> list[Item]:
+        """Lease every received member of the oldest series that is *stable*: no instance of it committed for
+        ``stable_age`` seconds (from the rows' timestamps: a restart does not reset the quiet time), all of its
+        received members due, and no earlier collection of it still being worked. The members become
+        "processing" together; [] when no series is ready."""
+        now = time.time()
+
+        def run(db: sqlite3.Connection) -> list[int]:
+            row = db.execute(
+                "SELECT i.series FROM items i WHERE i.series IS NOT NULL AND i.state = 'received' GROUP BY i.series "
+                "HAVING MAX(i.created) <= ? AND MAX(i.due) <= ? AND COUNT(i.lease) = 0 AND NOT EXISTS "
+                "(SELECT 1 FROM items o WHERE o.series = i.series AND o.state = 'processing') "
+                "ORDER BY MAX(i.created) LIMIT 1", (now - stable_age, now),
+            ).fetchone()
+            if row is None:
+                return []
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM items WHERE series = ? AND state = 'received' AND lease IS NULL ORDER BY id", (row[0],))]
+            db.executemany("UPDATE items SET state = 'processing', lease = ?, updated = ? WHERE id = ?",
+                           [(self.run_id, now, i) for i in ids])
+            return ids
+
+        return [self.get(i) for i in self._tx(run)]
+
+    def dead_series_members(self, reason: str) -> int:
+        """Dead-letter every received member of a series (a node started without the volume path: nothing
+        would ever claim them; ``medsr-node requeue`` brings them back once it is on)."""
+        now = time.time()
+        return int(self._tx(lambda db: db.execute(
+            "UPDATE items SET state = 'dead', dead_stage = 'series', last_error = ?, updated = ? "
+            "WHERE series IS NOT NULL AND state = 'received'", (reason, now)).rowcount))
 
     def get(self, item_id: int) -> Item:
         rows = self._rows("WHERE id = ?", (item_id,))
@@ -332,6 +380,44 @@ class WorkQueue:
             "last_error = NULL, derived_uid = ?, due = ?, updated = ? WHERE id = ? AND lease = ?",
             (derived_uid, now, now, item.id, self.run_id)))
         self._unlink(self.source_path(item))
+
+    def series_upscaled(self, members: list[Item], files: list[tuple[Path, str]], note: str) -> list[int]:
+        """processing -> done for a series: the derived instances ``files`` [(file in the spool, its SOP Instance
+        UID)] become outgoing items (moved into ``payload/``, folder fsynced), and in the same transaction the
+        members are recorded as delivered with ``note`` (their derived series is queued); their files go.
+        Returns the new items' ids. A crash before the commit leaves the members leased (worked again) and
+        the moved files unreferenced (swept at the next start)."""
+        names = [uuid.uuid4().hex for _ in files]
+        try:
+            for (src, _), name in zip(files, names, strict=True):
+                os.replace(src, self.payload / f"{name}.out.dcm")
+            _fsync_dir(self.payload)
+        except OSError as e:
+            for name in names:
+                self._unlink(self.payload / f"{name}.out.dcm")
+            raise _fault(e) from None
+        now = time.time()
+        first = members[0] if members else None
+
+        def run(db: sqlite3.Connection) -> list[int]:
+            ids = [int(db.execute(
+                "INSERT INTO items (key, file, state, due, derived_uid, calling_ae, peer, created, updated) "
+                "VALUES (?, ?, 'outgoing', ?, ?, ?, ?, ?, ?)",
+                (uid, name, now, uid, first.calling_ae if first else "", first.peer if first else "", now, now),
+            ).lastrowid) for (_, uid), name in zip(files, names, strict=True)]
+            db.executemany("UPDATE items SET state = 'delivered', lease = NULL, last_error = ?, updated = ? "
+                           "WHERE id = ? AND lease = ?", [(note, now, m.id, self.run_id) for m in members])
+            return ids
+
+        try:
+            ids = self._tx(run)
+        except SpoolFault:
+            for name in names:
+                self._unlink(self.payload / f"{name}.out.dcm")
+            raise
+        for m in members:
+            self._unlink(self.source_path(m))
+        return list(ids)
 
     def delivered(self, item: Item, note: str | None = None) -> None:
         """outgoing -> delivered; the payload files go."""

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from medsr.pacs.config import DEFAULT_SOP_CLASSES, NodeConfig, is_uid
+from medsr.pacs.config import DEFAULT_SOP_CLASSES, VOLUME_SOP_CLASSES, NodeConfig, is_uid
 from medsr.pacs.failures import SpoolFault
 from medsr.pacs.forward import tcp_nodelay
 from medsr.pacs.metrics import Metrics
@@ -104,16 +104,19 @@ def free_mb(path: Any) -> float:
 
 
 class Receiver:
-    """The SCP. ``on_queued`` is called after each instance is durably queued (wakes the workers)."""
+    """The SCP. ``on_queued`` is called after each instance is durably queued (wakes the workers).
+    ``volumes``: CT/MR image storage instances are accepted and queued as members of their series (the node
+    has a volume upscaler and ``[volumes] enabled``)."""
 
     def __init__(self, config: NodeConfig, queue: WorkQueue, metrics: Metrics, *,
-                 stopping: Callable[[], bool], on_queued: Callable[[], None]) -> None:
+                 stopping: Callable[[], bool], on_queued: Callable[[], None], volumes: bool = False) -> None:
         self.config = config
         self.queue = queue
         self.metrics = metrics
         self._stopping = stopping
         self._on_queued = on_queued
-        self._sop_classes = set(config.filters.sop_classes)
+        self._volume_classes = set(config.volumes.sop_classes) if volumes else set()
+        self._sop_classes = set(config.filters.sop_classes) | self._volume_classes
         self._modalities = set(config.filters.modalities)
         self._peers = {aet: [ipaddress.ip_network(a, strict=False) for a in addrs]
                        for aet, addrs in config.listen.peers.items()}
@@ -253,7 +256,8 @@ class Receiver:
             return self._refuse(
                 SOP_CLASS_NOT_SUPPORTED, "sop_class", shown, f"SOP class not accepted: {sop_class}",
                 f"SOP class {printable(sop_class, 64)} is not in filters.sop_classes "
-                f"({DEFAULT_SOP_CLASSES.get(sop_class, 'not an accepted image class')})",
+                f"({DEFAULT_SOP_CLASSES.get(sop_class) or VOLUME_SOP_CLASSES.get(sop_class) or 'not an accepted image class'}"
+                f"{'; [volumes] is off' if sop_class in VOLUME_SOP_CLASSES else ''})",
             )
         if not is_uid(uid):
             return self._refuse(CANNOT_UNDERSTAND, "bad_uid", shown, "invalid Affected SOP Instance UID",
@@ -280,7 +284,7 @@ class Receiver:
         if size_mb > lim.max_instance_mb:
             return self._refuse(CANNOT_UNDERSTAND, "too_large", shown, "instance too large for this node",
                                 f"{size_mb:.1f} MB exceeds listen.max_instance_mb = {lim.max_instance_mb:g}")
-        refusal, derived = self._check_header(path, uid, sop_class, shown)
+        refusal, derived, series = self._check_header(path, uid, sop_class, shown)
         if refusal is not None:
             return refusal
         if derived:
@@ -289,18 +293,19 @@ class Receiver:
             return SUCCESS
         calling = printable(str(event.assoc.requestor.ae_title).strip(), 16)
         try:
-            self.queue.add(uid, path, calling_ae=calling, peer=str(event.assoc.requestor.address))
+            self.queue.add(uid, path, calling_ae=calling, peer=str(event.assoc.requestor.address), series=series)
         except SpoolFault as e:
             return self._refuse(OUT_OF_RESOURCES, "spool", shown, "cannot spool the instance",
                                 f"cannot write to the spool ({printable(e, 120)})")
         self.metrics.received.inc()
         self._on_queued()
-        log.debug("received %s", shown)
+        log.debug("received %s%s", shown, f" (series {printable(series, 64)})" if series else "")
         return SUCCESS
 
-    def _check_header(self, path: Any, uid: str, sop_class: str, shown: str) -> tuple[Any, bool]:
+    def _check_header(self, path: Any, uid: str, sop_class: str, shown: str) -> tuple[Any, bool, str | None]:
         """Parse the header only (values over 4 KiB, pixel data included, stay on disk) and check it:
-        (a refusal or None, whether it is a medsr-derived instance)."""
+        (a refusal or None, whether it is a medsr-derived instance, the series it is collected into: a CT/MR
+        instance of the volume path, else None)."""
         import pydicom
 
         try:
@@ -316,31 +321,36 @@ class Receiver:
             derived = is_medsr_derived(ds)
         except Exception as e:
             return self._refuse(CANNOT_UNDERSTAND, "unreadable", shown, "dataset cannot be decoded",
-                                f"the dataset cannot be decoded ({type(e).__name__})"), False
+                                f"the dataset cannot be decoded ({type(e).__name__})"), False, None
         if ds_uid != uid:
             return self._refuse(CANNOT_UNDERSTAND, "uid_mismatch", shown, "SOPInstanceUID differs from the command",
-                                f"the data set's SOP Instance UID ({printable(ds_uid, 64)}) is not the command's"), False
+                                f"the data set's SOP Instance UID ({printable(ds_uid, 64)}) is not the command's"), False, None
         if ds_class != sop_class:
             return self._refuse(CANNOT_UNDERSTAND, "uid_mismatch", shown, "SOPClassUID differs from the command",
-                                f"the data set's SOP Class UID ({printable(ds_class, 64)}) is not the command's"), False
+                                f"the data set's SOP Class UID ({printable(ds_class, 64)}) is not the command's"), False, None
         for other in other_uids:
             if other and not is_uid(other):
                 return self._refuse(CANNOT_UNDERSTAND, "bad_uid", shown, "invalid Study or Series Instance UID",
-                                    f"invalid Study or Series Instance UID {printable(other, 64)}"), False
-        if self._modalities and modality not in self._modalities:
+                                    f"invalid Study or Series Instance UID {printable(other, 64)}"), False, None
+        volume = sop_class in self._volume_classes
+        series = other_uids[1] if volume else None
+        if volume and not series:
+            return self._refuse(CANNOT_UNDERSTAND, "bad_uid", shown, "no Series Instance UID",
+                                "a CT/MR instance without Series Instance UID cannot join a series"), False, None
+        if self._modalities and modality not in self._modalities and not volume:
             return self._refuse(
                 CANNOT_UNDERSTAND, "modality", shown, f"modality not accepted: {modality or 'none'}",
                 f"modality {printable(modality or '(none)', 20)} is not in filters.modalities "
                 f"({', '.join(sorted(self._modalities))})",
-            ), False
+            ), False, None
         if not has_pixels or rows <= 0 or cols <= 0:
-            return self._refuse(CANNOT_UNDERSTAND, "no_pixels", shown, "no pixel data", "the instance holds no pixel data"), False
+            return self._refuse(CANNOT_UNDERSTAND, "no_pixels", shown, "no pixel data", "the instance holds no pixel data"), False, None
         if rows * cols * frames * max(1, samples) > self.config.filters.max_pixels:
             return self._refuse(
                 CANNOT_UNDERSTAND, "too_large", shown, "image too large for this node",
                 f"{cols}x{rows}x{frames}x{samples} pixels exceed filters.max_pixels = {self.config.filters.max_pixels}",
-            ), False
-        return None, derived
+            ), False, None
+        return None, derived, series
 
     # watchdog ----------------------------------------------------------------------------------
     def _watch_loop(self) -> None:
