@@ -206,3 +206,28 @@ def test_cpu_default_is_openvino_bf16_where_native_else_fp32(tmp_path: Path, mon
     assert up.backend.precision == ("bf16" if openvino_backend.native_bf16() else "fp32")
     assert Upscaler.load(str(w), device="cpu", precision="fp32").backend.precision == "fp32"
     assert Upscaler.load(str(w), device="cpu", runtime="torch").backend.name == "torch"
+
+
+def test_openvino_conversion_sends_no_telemetry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert_model reports usage through openvino_telemetry unless declined; each send forks a process that
+    posts to Google Analytics (and hung the interpreter's exit without internet). medsr declines it."""
+    pytest.importorskip("openvino")
+    ga4 = pytest.importorskip("openvino_telemetry.backend.backend_ga4")
+    from medsr.runtime.openvino_backend import OpenVINOBackend
+
+    sent: list[object] = []
+    monkeypatch.setattr(ga4.GA4Backend, "send", lambda self, *a, **k: sent.append(a))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no consent file: the tools' default is to send
+    monkeypatch.delenv("CI", raising=False)
+    import openvino_telemetry
+
+    monkeypatch.setattr(openvino_telemetry.Telemetry, "_instances", {}, raising=False)  # a fresh singleton
+    from medsr.runtime.contract import onnx_metadata
+
+    m = tiny_rrdb(4, 1)
+    meta = onnx_metadata(m.descriptor, model_id="tiny", precision="fp32", weights_sha256="")
+    OpenVINOBackend.from_module(m, meta, cache=False, precision="fp32")
+    assert sent == []
+    import os
+
+    assert "CI" not in os.environ  # restored after the call

@@ -75,19 +75,22 @@ def quantize_model(ov_model: Any, crops: list[np.ndarray], *, keep_fp32: tuple[s
     """``nncf.quantize`` of an OpenVINO model on ``crops`` (all of them: subset_size = len(crops)); ``mixed``:
     asymmetric activation quantization (LeakyReLU outputs and the residual sums are not symmetric around 0);
     ``keep_fp32``: op-name patterns left unquantized."""
-    try:
-        import nncf
-    except ImportError as e:
-        raise BackendError("int8 quantization needs NNCF (pip install 'medsr[cpu]' or pip install nncf)") from e
+    from medsr.runtime.openvino_backend import telemetry_off
 
-    def items() -> Iterator[np.ndarray]:
-        yield from crops
+    with telemetry_off():  # NNCF reports usage through openvino_telemetry unless declined
+        try:
+            import nncf
+        except ImportError as e:
+            raise BackendError("int8 quantization needs NNCF (pip install 'medsr[cpu]' or pip install nncf)") from e
 
-    return nncf.quantize(
-        ov_model, nncf.Dataset(list(items())), subset_size=len(crops), fast_bias_correction=fast_bias_correction,
-        preset=nncf.QuantizationPreset.MIXED if mixed else nncf.QuantizationPreset.PERFORMANCE,
-        ignored_scope=nncf.IgnoredScope(patterns=list(keep_fp32), validate=False) if keep_fp32 else None,
-    )
+        def items() -> Iterator[np.ndarray]:
+            yield from crops
+
+        return nncf.quantize(
+            ov_model, nncf.Dataset(list(items())), subset_size=len(crops), fast_bias_correction=fast_bias_correction,
+            preset=nncf.QuantizationPreset.MIXED if mixed else nncf.QuantizationPreset.PERFORMANCE,
+            ignored_scope=nncf.IgnoredScope(patterns=list(keep_fp32), validate=False) if keep_fp32 else None,
+        )
 
 
 def export_int8_ir(source: str | os.PathLike[str] | Any, xml_path: str | os.PathLike[str],

@@ -10,8 +10,11 @@ follows the contract (``finish_output``); a bf16 backend's ``fallback()`` is the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,30 @@ def _import_openvino() -> Any:
     except ImportError as e:
         raise BackendError("OpenVINO is not installed (pip install 'medsr[cpu]' or pip install openvino)") from e
     return ov
+
+
+_TELEMETRY_MU = threading.Lock()
+
+
+@contextlib.contextmanager
+def telemetry_off() -> Iterator[None]:
+    """No usage telemetry from OpenVINO's Python tools (``convert_model``, NNCF) while inside.
+
+    Both send events through ``openvino_telemetry`` unless the user opted out, and each send forks a process
+    that posts to Google Analytics. A medical tool must not phone home; and on a machine without internet
+    that child can hang in DNS resolution, which made the interpreter wait for it at exit (seen: a test run
+    that had finished kept its process alive for over 10 minutes). The tools decline telemetry when ``CI`` is
+    "true" (``disable_in_ci``), so it is set for the duration of the call and restored after."""
+    with _TELEMETRY_MU:
+        old = os.environ.get("CI")
+        os.environ["CI"] = "true"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("CI", None)
+            else:
+                os.environ["CI"] = old
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,10 +223,11 @@ class OpenVINOBackend(Backend):
         d = module.descriptor  # type: ignore[attr-defined]
         m = d.size_multiple
         try:
-            ov_model = ov.convert_model(
-                module.eval().float().cpu(), example_input=torch.rand(1, d.in_channels, 16 * m, 16 * m),
-                input=[ov.PartialShape([-1, d.in_channels, -1, -1])],
-            )
+            with telemetry_off():
+                ov_model = ov.convert_model(
+                    module.eval().float().cpu(), example_input=torch.rand(1, d.in_channels, 16 * m, 16 * m),
+                    input=[ov.PartialShape([-1, d.in_channels, -1, -1])],
+                )
         except Exception as e:
             raise BackendError(f"OpenVINO could not convert the model ({type(e).__name__}: {e})") from e
         _release_freed_heap()  # tracing leaves ~130 MB of freed heap that glibc keeps otherwise
