@@ -126,14 +126,14 @@ def send(port: int, datasets: Iterable[Any], calling: str = "SENDER", called: st
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE, evt
 
-    from medsr.pacs.forward import tcp_nodelay
+    from medsr.pacs.forward import scu_open
 
     datasets = list(datasets)
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop in {str(d.SOPClassUID) for d in datasets}:
         ae.add_requested_context(sop, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, scu_open)])
     if not assoc.is_established:
         return [None] * len(datasets)
     out: list[int | None] = []

@@ -172,8 +172,9 @@ def _need_namespaces() -> None:
 
 
 def test_spool_fills_up_on_a_small_tmpfs_and_recovers_by_itself(tmp_path: Path) -> None:
-    """A 3 MiB tmpfs spool: derived files hit ENOSPC while the destination is away, C-STORE answers 0xA700
-    under the watermark; once the destination is back everything drains without a restart."""
+    """A 4 MiB tmpfs spool: derived files hit ENOSPC while the destination is away, C-STORE answers 0xA700
+    under the watermark (and a receive is aborted under half of it); once the destination is back everything
+    drains without a restart."""
     _need_namespaces()
     dest = CollectingSCP(compressed=True)  # not started: the derived instances pile up in the spool
     node = NodeProc(tmp_path, dest.port, tmpfs_mb=4, extra="", backoff=(0.1, 0.5))
@@ -191,7 +192,10 @@ def test_spool_fills_up_on_a_small_tmpfs_and_recovers_by_itself(tmp_path: Path) 
         assert counts["received"] + counts["processing"] + counts["outgoing"] > 0
         late = [source(100 + i, h=128, w=128) for i in range(3)]
         late_st = send(node.port, late, timeout=60)  # under the watermark now: out of resources, retry later
-        assert late_st == [0xA700] * 3, late_st
+        assert 0 not in late_st, late_st
+        if late_st != [0xA700] * 3:  # under half the watermark the watchdog aborts a receive instead (None)
+            assert "spool free space below half of listen.min_free_mb" in node.log.read_text(), (
+                late_st, node.log.read_text()[-3000:])
         t0 = time.monotonic()
         dest.start()
         pending = [s for s, st in zip(srcs, statuses, strict=True) if st != 0] + late
@@ -206,6 +210,7 @@ def test_spool_fills_up_on_a_small_tmpfs_and_recovers_by_itself(tmp_path: Path) 
               f"dead {len(dead)}, drained {recover_s:.1f} s after the destination came back; {counts}")
         assert lost == 0 and dup == 0 and not dead
         assert node.proc.poll() is None  # no restart
+        assert "Traceback" not in node.log.read_text()  # every filesystem error handled, none escaped
     finally:
         node.stop()
         dest.stop()
@@ -217,7 +222,10 @@ def test_unwritable_spool_for_a_while(tmp_path: Path) -> None:
     _need_namespaces()
     with CollectingSCP(compressed=True, delay=0.02) as dest:
         node = NodeProc(tmp_path, dest.port, tmpfs_mb=64, backoff=(0.1, 0.5))
-        node.cfg.write_text(node.cfg.read_text().replace("[listen]\n", "[listen]\nmin_free_mb = 4\n"))
+        # a forward whose answer takes over destination.timeout is retried (DICOM has no two-phase commit) and
+        # the destination gets it twice: on a loaded CI machine 10 s was once not enough, so wait longer here
+        node.cfg.write_text(node.cfg.read_text().replace("[listen]\n", "[listen]\nmin_free_mb = 4\n")
+                            .replace("timeout = 10\n", "timeout = 60\n"))
         node.start()
         try:
             srcs = [source(i) for i in range(30)]
@@ -246,6 +254,7 @@ def test_unwritable_spool_for_a_while(tmp_path: Path) -> None:
             assert lost == 0 and dup == 0 and not dead
             assert counts["received"] + counts["processing"] + counts["outgoing"] == 0
             assert node.proc.poll() is None
+            assert "Traceback" not in node.log.read_text()  # every filesystem error handled, none escaped
         finally:
             node.stop()
 

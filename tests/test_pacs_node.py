@@ -262,3 +262,70 @@ def test_cli_node_sigkill_mid_run_then_restart_loses_nothing(tmp_path: Path) -> 
             assert _unfinished(tmp_path / "spool") == 0
         finally:
             stop_process(proc, signal.SIGKILL)
+
+
+def test_stop_with_a_silent_connection_open_raises_nothing_in_pynetdicom(tmp_path: Path, dest: CollectingSCP,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that connected and has not sent its A-ASSOCIATE-RQ yet (a port probe, a health check) is in
+    state Sta2, where A-ABORT is not defined: aborting it at shutdown made pynetdicom's reactor thread die
+    with InvalidEventError (Evt15 in Sta2), a traceback in the node's log on every SIGTERM after a probe."""
+    import socket
+
+    from medsr.pacs import Node
+
+    errors: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: errors.append(f"{a.exc_type.__name__}: {a.exc_value}"))
+    n = Node(_config(tmp_path, dest.port, metrics_port=free_port()), upscalers=[tiny_upscaler()])
+    n.start()
+    probe = socket.create_connection(("127.0.0.1", n.config.listen.port), timeout=5)
+    try:
+        server = n.receiver._server
+
+        def sta2() -> bool:
+            return any(a.dul.state_machine.current_state == "Sta2" for a in server.active_associations)
+
+        assert wait_for(sta2, 10, 0.02)
+        assocs = list(server.active_associations)
+        n.stop(timeout=10)
+        assert wait_for(lambda: not any(a.dul.is_alive() for a in assocs), 10, 0.05)  # the reactor threads
+    finally:
+        probe.close()
+    assert errors == []
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_response_the_reactor_takes_reaches_the_waiting_send(dest: CollectingSCP, guarded: bool) -> None:
+    """pynetdicom's reactor thread, descheduled inside its pause handshake, can take a C-STORE response off
+    the queue a ``send_c_store`` is waiting on and drop it ("Received unexpected C-STORE service message"):
+    the sender times out, aborts and resends what the peer stored (a duplicate; seen in the fault tests on
+    a busy machine). ``scu_open`` puts such a response back. Unguarded (``tcp_nodelay`` only) it is lost:
+    the control shows the race this guards against is real in this pynetdicom."""
+    import queue
+
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+    from pynetdicom import AE, evt
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from medsr.pacs.forward import scu_open, tcp_nodelay
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    assoc = ae.associate("127.0.0.1", dest.port, ae_title="DEST",
+                         evt_handlers=[(evt.EVT_CONN_OPEN, scu_open if guarded else tcp_nodelay)])
+    assert assoc.is_established
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.Status = 0x0000
+    rsp.AffectedSOPClassUID = SecondaryCaptureImageStorage
+    rsp.AffectedSOPInstanceUID = generate_uid()
+    try:
+        assoc._reactor_checkpoint.clear()  # what send_c_store does while it waits for the response
+        assoc._serve_request(rsp, 1)  # the reactor, inside the race window, took the response
+        try:
+            _, got = assoc.dimse.msg_queue.get(timeout=1.0)
+        except queue.Empty:
+            got = None
+    finally:
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+    assert (got is rsp) == guarded

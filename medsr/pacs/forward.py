@@ -32,6 +32,34 @@ def tcp_nodelay(event: Any) -> None:
         pass
 
 
+def keep_late_responses(event: Any) -> None:
+    """EVT_CONN_OPEN handler for an SCU: never let pynetdicom's reactor thread swallow a C-STORE response.
+
+    pynetdicom (3.0.4) pauses its reactor before ``send_c_store`` by clearing an event and polling a flag
+    the reactor sets just *before* it waits on that event; a reactor thread descheduled between the two
+    (a loaded machine) takes the response off the queue itself, logs "Received unexpected C-STORE service
+    message" and drops it. The sender then waits out its DIMSE timeout, aborts and resends an instance
+    the peer had stored: a 10-30 s stall and a duplicate delivery (seen in this project's fault tests on a
+    busy 2-core machine). Here a response taken by the reactor while a ``send_*`` call is waiting (the
+    pause event cleared) is put back on the queue that call is reading."""
+    assoc = event.assoc
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and msg.is_valid_response and not assoc._reactor_checkpoint.is_set():
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request
+
+
+def scu_open(event: Any) -> None:
+    """EVT_CONN_OPEN for the node's (and its tests') C-STORE SCU: TCP_NODELAY and no swallowed responses."""
+    tcp_nodelay(event)
+    keep_late_responses(event)
+
+
 def _clean(text: Any, limit: int = 120) -> str:
     return printable(text, limit)
 
@@ -81,7 +109,7 @@ class DicomForwarder:
 
         assoc = self.ae.associate(
             self.dest.host, self.dest.port, contexts=self._contexts(), ae_title=self.dest.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)], tls_args=self._tls,
+            evt_handlers=[(evt.EVT_CONN_OPEN, scu_open)], tls_args=self._tls,
         )
         if assoc.is_established:
             self.assoc = assoc

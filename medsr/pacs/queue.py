@@ -36,6 +36,7 @@ crash-safe and measured at several hundred durable enqueues + claims per second 
 from __future__ import annotations
 
 import fcntl
+import errno
 import os
 import sqlite3
 import threading
@@ -105,6 +106,10 @@ class Item:
 
 
 _COLS = ", ".join(Item.__dataclass_fields__)
+
+
+# os.link cannot work here (another file system, links not supported): copy instead
+_NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -259,7 +264,9 @@ class WorkQueue:
             else:
                 try:
                     os.link(src, dst)
-                except OSError:
+                except OSError as e:
+                    if e.errno not in _NO_HARD_LINK:  # read-only, full, ...: that is the error to report
+                        raise
                     self._write(dst, Path(src).read_bytes())
                 fd = os.open(dst, os.O_RDONLY)
                 try:
@@ -268,7 +275,7 @@ class WorkQueue:
                     os.close(fd)
             _fsync_dir(self.payload)
         except OSError as e:
-            dst.unlink(missing_ok=True)
+            self._unlink(dst)  # on a read-only spool this fails too: the sweep removes it later
             raise _fault(e) from None
         now = time.time()
         try:
@@ -277,7 +284,7 @@ class WorkQueue:
                 "VALUES (?, ?, 'received', ?, ?, ?, ?, ?, ?)", (key, name, now, calling_ae, peer, now, now, series),
             ).lastrowid, durable=True))
         except SpoolFault:
-            dst.unlink(missing_ok=True)
+            self._unlink(dst)
             raise
 
     def _write(self, dst: Path, data: bytes) -> None:
@@ -289,7 +296,7 @@ class WorkQueue:
                 os.fsync(f.fileno())
             os.replace(tmp, dst)
         finally:
-            tmp.unlink(missing_ok=True)
+            self._unlink(tmp)
 
     def write_derived(self, item: Item, write: Callable[[Any], None]) -> Path:
         """Write a derived instance durably beside its source (``write(fileobj)``)."""
@@ -303,10 +310,10 @@ class WorkQueue:
             os.replace(tmp, dst)
             _fsync_dir(self.payload)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            self._unlink(tmp)
             raise _fault(e) from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self._unlink(tmp)
             raise
         return dst
 

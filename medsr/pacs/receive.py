@@ -103,6 +103,25 @@ def free_mb(path: Any) -> float:
     return st.f_bavail * st.f_frsize / 1e6
 
 
+def _close(assoc: Any) -> None:
+    """End one association at shutdown. A-ABORT is defined only once the peer has sent its A-ASSOCIATE-RQ:
+    aborting a bare connection (state Sta2: a port probe, or a peer that has not spoken yet) makes
+    pynetdicom's reactor thread raise InvalidEventError (Evt15 in Sta2), so that one's connection is closed instead."""
+    try:
+        state = assoc.dul.state_machine.current_state
+    except AttributeError:
+        state = None
+    try:
+        if state in ("Sta1", "Sta2"):
+            if assoc.dul.socket is not None:
+                assoc.dul.socket.close()  # Evt17: Sta2 -> Sta1 at once (no wait for the ARTIM timer)
+            assoc.kill()
+        else:
+            assoc.abort()
+    except Exception:  # pragma: no cover - the connection is already gone
+        pass
+
+
 class Receiver:
     """The SCP. ``on_queued`` is called after each instance is durably queued (wakes the workers).
     ``volumes``: CT/MR image storage instances are accepted and queued as members of their series (the node
@@ -171,10 +190,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             for assoc in list(getattr(self._server, "active_associations", [])):
-                try:
-                    assoc.abort()
-                except Exception:  # pragma: no cover
-                    pass
+                _close(assoc)
             self._server = None
         if self._watch is not None:
             self._watch.join(5)
