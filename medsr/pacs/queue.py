@@ -35,8 +35,8 @@ crash-safe and measured at several hundred durable enqueues + claims per second 
 
 from __future__ import annotations
 
-import fcntl
 import errno
+import fcntl
 import os
 import sqlite3
 import threading
