@@ -208,3 +208,24 @@ def test_ray_volumes_never_write_over_an_input_and_refuse_a_2d_model(local_ray, 
                         "--ray")
     assert code == 2 and "cannot load the volume model" in text and "x1 through-plane model" in text, text
     assert "Traceback" not in text and not (tmp_path / "o" / "a_thick.nii.gz").exists()
+
+
+def test_ray_rows_carry_absolute_paths_and_results_name_the_jobs_as_given(tmp_path: Path, monkeypatch) -> None:
+    """Ray workers do not share the driver's working directory: on a cluster with a shared filesystem a
+    relative path would name another file. The driver sends absolute paths; the rows it yields name the
+    jobs as the user gave them (messages too), like the local CLI."""
+    from medsr.scale.ray_batch import job_rows
+
+    monkeypatch.chdir(tmp_path)
+    rows = job_rows([(Path("in/a.png"), Path("out/a.png"))])
+    assert rows == [{"src": str(tmp_path / "in/a.png"), "dst": str(tmp_path / "out/a.png")}]
+    assert all(Path(v).is_absolute() for r in rows for v in r.values())
+
+
+def test_ray_from_a_relative_path(local_ray, tmp_path: Path, weights: Path, monkeypatch) -> None:
+    src = _folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rel = src.relative_to(tmp_path)
+    code, out = _infer("--model", str(weights), str(rel), "-o", "ray_rel", "--ray", "--workers", "1")
+    assert code == 1 and (tmp_path / "ray_rel" / "a16.png").is_file(), out
+    assert f"{rel / 'broken.png'}" in out and str(tmp_path / rel / "broken.png") not in out

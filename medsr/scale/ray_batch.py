@@ -12,7 +12,8 @@ becomes a Ray Dataset of (src, dst) rows and flows through three stages:
 
 A failure in any stage becomes that row's status (the message names the file), so one bad file never stops
 the dataset; the driver counts and reports them like the local CLI. Every path must be reachable by every
-worker (a shared filesystem); the outputs are the local CLI's, bit for bit (tested).
+worker (a shared filesystem; the driver makes them absolute, so a relative path works on a cluster); the
+outputs are the local CLI's, bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class LoadSpec:
     precision: str | None = None
     config: Any = None  # a medsr.runtime.TileConfig (None: the defaults)
     dicom_syntax: str | None = None
+
+
+def job_rows(jobs: list[tuple[Path, Path]]) -> list[dict[str, str]]:
+    """The dataset's rows: absolute paths, made on the driver (Ray workers do not share its working
+    directory: on a cluster with a shared filesystem a relative path would name another file, or none)."""
+    return [{"src": str(Path(s).absolute()), "dst": str(Path(d).absolute())} for s, d in jobs]
 
 
 def _row(src: str, dst: str, status: str = "", message: str = "", lr_pixels: int = 0, image: Any = None) -> dict[str, Any]:
@@ -191,8 +198,9 @@ def run(
         ctx.enable_progress_bars = not quiet
         ctx.print_on_execution_start = not quiet
         workers, gpus = _pool_size(options, load.device)
-        ds = ray.data.from_items([{"src": str(s), "dst": str(d)} for s, d in jobs],
-                                 override_num_blocks=min(len(jobs), 200))
+        rows = job_rows(jobs)
+        given = {r["src"]: (str(s), str(d)) for r, (s, d) in zip(rows, jobs, strict=True)}  # rows name jobs as given
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(jobs), 200))
         ds = ds.map(read_stage, fn_kwargs={"overwrite": overwrite, "max_pixels": max_pixels}, num_cpus=IO_TASK_CPUS)
         ds = ds.map_batches(
             UpscaleWorker, fn_constructor_kwargs={"load": load}, batch_size=1, batch_format="numpy",
@@ -200,7 +208,9 @@ def run(
         )
         ds = ds.map(write_stage, fn_kwargs={"overwrite": overwrite}, num_cpus=IO_TASK_CPUS)
         for r in ds.iter_rows():
-            yield {k: r[k] for k in ("src", "dst", "status", "message")} | {"lr_pixels": int(r["lr_pixels"] or 0)}
+            src, dst = given.get(r["src"], (r["src"], r["dst"]))
+            yield {"src": src, "dst": dst, "status": r["status"], "message": str(r["message"] or "").replace(r["src"], src),
+                   "lr_pixels": int(r["lr_pixels"] or 0)}
     finally:
         if started:
             import ray
