@@ -23,20 +23,17 @@ from medsr.pacs import identity
 from medsr.pacs.failures import Outcome, SpoolFault, Verdict, classify_error, describe
 from medsr.pacs.protocol import VolumeMethod
 from medsr.pacs.queue import Item
-from medsr.pacs.receive import free_mb
 from medsr.pacs.safe import printable
-from medsr.pacs.stages import Stage
+from medsr.pacs.stages import WorkerStage
 
 log = logging.getLogger("medsr.pacs")
 
 
-class SeriesStage(Stage):
+class SeriesStage(WorkerStage):
     name = "series"
 
     def __init__(self, *args: Any, on_broken: Callable[[str], None], on_upscaled: Callable[[], None]) -> None:
-        super().__init__(*args)
-        self._on_broken = on_broken
-        self._on_upscaled = on_upscaled
+        super().__init__(*args, on_broken=on_broken, on_upscaled=on_upscaled)
         self.work = self.queue.root / "work"  # a series' scratch and derived files until they are queued
         shutil.rmtree(self.work, ignore_errors=True)  # left by an earlier run: its members are worked again
 
@@ -111,14 +108,9 @@ class SeriesStage(Stage):
             self._apply_all(series, members, Verdict(Outcome.INPUT_BAD, f"series {series}: {len(missing)} received "
                                                      f"file(s) missing from the spool (items {missing[0].id}...)"))
             return False
-        reserve = self.config.listen.min_free_mb / 2
-        try:
-            low = free_mb(self.queue.root) < reserve
-        except OSError:
-            low = False
-        if low:
-            self._apply_all(series, members, Verdict(Outcome.SPOOL_ERROR, f"spool nearly full (under {reserve:g} MB "
-                                                     "free): waiting for forwarded instances to free space"))
+        full = self.spool_nearly_full()
+        if full is not None:
+            self._apply_all(series, members, full)
             return False
         job = self.work / f"{hashlib.sha256(series.encode()).hexdigest()[:16]}-{uuid.uuid4().hex[:8]}"
         t0 = time.perf_counter()

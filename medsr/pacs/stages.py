@@ -116,13 +116,31 @@ class Stage:
                         item.id, printable(e))
 
 
-class UpscaleStage(Stage):
-    name = "upscale"
+class WorkerStage(Stage):
+    """A stage that runs the model (single instances, CT/MR series): reports a broken worker and each
+    upscaled item to the node, and keeps the last part of the spool for the queue."""
 
     def __init__(self, *args: Any, on_broken: Callable[[str], None], on_upscaled: Callable[[], None]) -> None:
         super().__init__(*args)
         self._on_broken = on_broken
         self._on_upscaled = on_upscaled
+
+    def spool_nearly_full(self) -> Verdict | None:
+        """A SPOOL_ERROR verdict (retried later) when the spool has under half of listen.min_free_mb free: the
+        last part of the disk is for the queue's own database, so that forwarding can free space."""
+        reserve = self.config.listen.min_free_mb / 2
+        try:
+            low = free_mb(self.queue.root) < reserve
+        except OSError:
+            low = False
+        if not low:
+            return None
+        return Verdict(Outcome.SPOOL_ERROR, f"spool nearly full (under {reserve:g} MB free): waiting for "
+                                            "forwarded instances to free space")
+
+
+class UpscaleStage(WorkerStage):
+    name = "upscale"
 
     def run(self, up: DicomUpscaler) -> None:
         while not self.stop.is_set():
@@ -143,14 +161,9 @@ class UpscaleStage(Stage):
         if not path.exists():
             self.apply(item, Verdict(Outcome.INPUT_BAD, "the received file is missing from the spool"))
             return False
-        reserve = self.config.listen.min_free_mb / 2
-        try:
-            low = free_mb(self.queue.root) < reserve
-        except OSError:
-            low = False
-        if low:  # the last part of the disk is for the queue's own database, so that forwarding can free space
-            self.apply(item, Verdict(Outcome.SPOOL_ERROR, f"spool nearly full (under {reserve:g} MB free): "
-                                                          "waiting for forwarded instances to free space"))
+        full = self.spool_nearly_full()
+        if full is not None:
+            self.apply(item, full)
             return False
         t0 = time.perf_counter()
         try:
