@@ -87,9 +87,9 @@ MODELS: dict[str, ModelEntry] = {
             name="medsr-retina-x2",
             filename="medsr-retina-x2.safetensors",
             url="",
-            sha256="da795278f0159e9bf39f8a94daf2b57e0f10b02fa926764775ce2d14b45a9f5f",
+            sha256="cd7ad8bf3882de7bad303cc1691117abf46753f6c65b16a758d09e4acf6c9888",
             scale=2,
-            size=1_172_366,
+            size=1_172_406,
             description="medsr retinal fundus x2 fidelity model: RGB RRDBNet 3 blocks x 32 features + bicubic skip, L1 only "
                         "(the choice for colour fundus photographs and ophthalmic photography DICOM)",
             license="MIT (weights trained by medsr on IDRiD images, CC BY 4.0)",
