@@ -204,6 +204,8 @@ def test_int8_rule_is_the_measured_verdict(monkeypatch: pytest.MonkeyPatch) -> N
     assert v is not None and not v.accepted  # measured: -0.81 dB, -0.0040 SSIM
     assert engines.auto_precision("openvino", None, "medsr-cxr-x4") == "fp32"
     assert "int8 rejected: -0.81 dB PSNR" in engines.precision_reason("medsr-cxr-x4")
+    assert engines.auto_precision("openvino", None, "medsr-cxr-x4-fast") == "fp32"  # measured: -0.76 dB, 3.1x
+    assert "int8 rejected: -0.76 dB PSNR" in engines.precision_reason("medsr-cxr-x4-fast")
     good = engines.Int8Verdict("m", "s", (34.0, 0.90), (33.96, 0.8995), True, 1.8, "cpu")
     monkeypatch.setitem(engines.INT8_VERDICTS, "m", good)
     assert good.accepted and engines.auto_precision("openvino", None, "m") == "int8"

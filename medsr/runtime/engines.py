@@ -67,7 +67,7 @@ class Int8Verdict:
 #: how far int8 may fall below fp32 on the evaluation set (PSNR dB, SSIM) to be chosen automatically
 INT8_LIMITS = (0.05, 0.001)
 
-#: measured verdicts per model (medsr-eval /work/shared/data/cxr, 12 chest X-rays, GT resized to 512 px, x4,
+#: measured verdicts per model (medsr-eval ../shared/data/cxr, 12 chest X-rays, GT resized to 512 px, x4,
 #: OpenVINO 2026.4 + NNCF 3.4; int8 calibrated on 100 crops of 64 px from cxr-train, MIXED preset, first /
 #: upsampling / HR / last convolutions kept in fp32 (medsr.export.int8.KEEP_FP32); 2-core AMD EPYC Zen3, AVX2,
 #: no AVX-512, loaded machine). Speed (medsr-bench, tile 128, same run): int8 2472 ms/tile vs fp32 2638 (1.07x:
@@ -79,6 +79,12 @@ INT8_VERDICTS: dict[str, Int8Verdict] = {
         model="medsr-cxr-x4", setting="NNCF MIXED, 100 cxr-train crops, KEEP_FP32; medsr-eval --size 512",
         fp32=(33.99, 0.9048), int8=(33.18, 0.9008), roundtrip16=True, speedup=2637.58 / 2472.04,
         cpu="AMD EPYC (Zen3) 2 cores, AVX2/FMA, no AVX-512, no native bf16; machine loaded",
+    ),
+    # benchmarks/results/cpu-int8-avx2-fast: 300 calibration crops, same rule; worse on 12/12 images
+    "medsr-cxr-x4-fast": Int8Verdict(
+        model="medsr-cxr-x4-fast", setting="NNCF MIXED, 300 cxr-train crops, KEEP_FP32; medsr-eval --size 512",
+        fp32=(33.70, 0.9001), int8=(32.94, 0.8832), roundtrip16=True, speedup=491.01 / 158.08,
+        cpu="AMD EPYC (Zen3) 2 cores, AVX2/FMA, no AVX-512, no native bf16; quiet machine",
     ),
 }
 
