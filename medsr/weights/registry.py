@@ -35,8 +35,8 @@ class ModelEntry:
     ncnn_package: str | None = None
     ncnn_param: str | None = None
     packaged: bool = False  # ``filename`` ships in medsr/weights/models/ (no download)
-    #: smallest LR tile at which tiled output reached 50 dB against whole-image output on real crops (worst
-    #: case; benchmarks/seams, docs/runtime.md); a smaller tile is run with a warning. 0: no limit measured
+    #: smallest LR tile at which the worst real crop's tiled output came to about 50 dB against whole-image
+    #: output (benchmarks/seams, docs/runtime.md); a smaller tile is run with a warning. 0: no limit measured
     min_tile: int = 0
 
 
