@@ -208,3 +208,28 @@ def test_bicubic_skip_starts_at_bicubic_and_is_logged_and_saved(tmp_path) -> Non
     cfg2["model"]["skip"] = "lanczos"
     with pytest.raises(ConfigError, match="skip"):
         validate(cfg2)
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_saves_the_best_validation_not_the_last(tmp_path, keep_best: bool) -> None:
+    """train.keep_best (per-volume adaptation): a run that only makes the model worse (lr 5: diverges) saves the
+    weights it started from, scored at iteration 0; without keep_best it saves the diverged ones."""
+    data = _images(tmp_path / "d", n=3, size=64, channels=3)
+    cfg = load_config("retina_x2_compact")
+    cfg["model"].update(num_block=1, num_feat=8, num_grow_ch=4)
+    cfg["data"].update(train_dir=str(data), gt_size=32, num_workers=0, multiscale=False, val_split=1, val_max_size=64,
+                       min_foreground=0.0)
+    cfg["train"].update(batch_size=2, out_dir=str(tmp_path / "run"), log_every=2, save_every=1000, val_every=2,
+                        total_iter=4, lr_g=5.0, ema_decay=0.0, keep_best=keep_best)
+    validate(cfg)
+    torch.manual_seed(0)
+    logs: list[str] = []
+    tr = Trainer(cfg, log=logs.append, from_scratch=True)
+    start = {k: v.clone() for k, v in tr.net_g_ema.state_dict().items()}
+    res = tr.fit(progress=False)
+    from medsr.weights import load_model
+
+    saved = load_model(str(res.weights)).model.state_dict()
+    same = all(torch.equal(saved[k].float(), start[k].float()) for k in start)
+    assert same is keep_best
+    assert any("keeping the best validation: iteration 0 of 4" in m for m in logs) is keep_best

@@ -165,3 +165,30 @@ def test_adaptation_pairs_from_a_sparse_volume_and_a_clear_refusal_for_an_empty_
     cfg["train"]["out_dir"] = str(tmp_path / "run")
     with pytest.raises(ValueError, match="empty.nii.gz: no in-plane slice holds signal"):
         configure_adaptation(cfg, tmp_path / "empty.nii.gz", 1.0, lambda s: None)
+
+
+def test_volume_training_pair_counts_follow_the_volumes_config_section(tmp_path) -> None:
+    """medsr-train --volumes: [volumes] draws / per_axis set how many pairs are written (per slice and
+    direction, one per draw), and the held-out volume's validation pairs do not change with them."""
+    import nibabel as nib
+
+    from medsr.train.config import load_config, set_value
+    from medsr.volumes.training import configure_volume_training
+
+    data = tmp_path / "vols"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(rng.random((24, 24, 24)).astype(np.float32), np.eye(4)), str(data / f"{name}.nii.gz"))
+    counts = {}
+    for draws in (1, 3):
+        cfg = load_config("mr_through_plane")
+        set_value(cfg, "train.out_dir", str(tmp_path / f"run{draws}"))
+        set_value(cfg, "volumes.draws", str(draws))
+        set_value(cfg, "volumes.per_axis", "4")
+        configure_volume_training(cfg, data, ["b"], lambda m: None)
+        pairs = tmp_path / f"run{draws}" / "pairs"
+        counts[draws] = (len(list((pairs / "train" / "lr").glob("*.png"))), len(list((pairs / "val" / "lr").glob("*.png"))))
+    assert counts[1][0] == 3 * 4 * 2  # 3 axes x 4 slices x 2 directions
+    assert counts[3][0] == 3 * counts[1][0]
+    assert counts[1][1] == counts[3][1] > 0

@@ -59,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
         "val_degradation": "bicubic",  # LR of HR-only validation images: "bicubic" | "protocol" (eval protocol)
         "val_resize": 0,  # > 0: resize validation HR to N x N (Lanczos) before the centre crop (retina protocol)
     },
+    "volumes": {  # medsr-train --volumes: self-supervised pairs (medsr/volumes/training.py make_pairs)
+        "per_axis": 24,  # slices per volume axis
+        "draws": 2,  # degradations drawn per slice and direction
+    },
     "classical": {  # data.mode = "classical" (medsr/train/classical.py); sigma/noise in LR pixels / 8-bit levels
         "down": ["bicubic", "area", "bilinear"],  # bicubic = antialiased MATLAB imresize
         "down_prob": [0.6, 0.2, 0.2],
@@ -137,6 +141,9 @@ DEFAULTS: dict[str, Any] = {
         "keep_checkpoints": 2,
         "out_dir": "runs",
         "time_limit_min": 0.0,  # stop (checkpoint + weights) after this many minutes of training; 0 = no limit
+        # the saved weights are the EMA generator at its best validation PSNR (the starting weights, scored at
+        # iteration 0, included) instead of the last: per-volume adaptation, whose own validation peaks early
+        "keep_best": False,
     },
 }
 

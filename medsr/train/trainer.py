@@ -498,6 +498,12 @@ class Trainer:
             base = self.validate_bicubic()
             self._csv("val_log.csv", {"iter": "bicubic", **base})
             self.log(f"validation baseline (bicubic): PSNR {base['psnr']:.3f} dB, SSIM {base['ssim']:.4f}")
+        keep_best = bool(t.get("keep_best")) and bool(self.val)
+        best: tuple[dict[str, float], int, dict[str, torch.Tensor]] | None = None
+        if keep_best:
+            start = self.validate()
+            self.log(f"validation at the start (iteration {self.iteration}): PSNR {start['psnr']:.3f} dB")
+            best = (start, self.iteration, self._ema_state())
         loader = self._loader(self.iteration)
         sums: dict[str, torch.Tensor] = {}
         n_sum = 0
@@ -536,6 +542,8 @@ class Trainer:
                 for k, v in last_val.items():
                     self._scalar(f"val/{k}", v, self.iteration)
                 bar.write(f"iter {self.iteration}: val PSNR {last_val['psnr']:.3f} dB, SSIM {last_val['ssim']:.4f}")
+                if best is not None and last_val["psnr"] > best[0]["psnr"]:
+                    best = (last_val, self.iteration, self._ema_state())
             if self.iteration == int(t["pretrain_l1_iters"]) and self.iteration < self.total:
                 self._save_weights(self.out_dir / f"{self.cfg['name']}_psnr.pth", stage="l1")
             timed_out = limit_s > 0 and time.perf_counter() - t_start >= limit_s
@@ -550,10 +558,20 @@ class Trainer:
         bar.close()
         if self.iteration == self.total and ckpt is None:
             ckpt = self.save_checkpoint()
+        if best is not None:
+            end = self.validate()  # the final weights too (a time limit stops between validations)
+            if end["psnr"] > best[0]["psnr"]:
+                best = (end, self.iteration, self._ema_state())
+            self.net_g_ema.load_state_dict(best[2])
+            self.log(f"keeping the best validation: iteration {best[1]} of {self.iteration}, PSNR {best[0]['psnr']:.3f} dB")
+            last_val = best[0]
         weights = self._save_weights(self.out_dir / f"{self.cfg['name']}.pth", stage="gan" if self.use_gan else "l1")
         if self._tb:
             self._tb.close()
         return TrainResult(self.out_dir, weights, ckpt, self.iteration, last_val)
+
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.net_g_ema.state_dict().items()}
 
     def _save_weights(self, path: Path, stage: str) -> Path:
         from medsr.weights import save_weights

@@ -219,7 +219,9 @@ def configure_volume_training(cfg: dict, volumes_dir: str | Path, holdout: Seque
     if missing:
         raise ValueError(f"--holdout {', '.join(missing)}: no such volume in {volumes_dir} ({', '.join(sorted(stems))})")
     pairs = Path(cfg["train"]["out_dir"]) / "pairs"
-    counts = make_pairs(paths, pairs, holdout=holdout)
+    vcfg = cfg.get("volumes", {})
+    counts = make_pairs(paths, pairs, holdout=holdout, per_axis=int(vcfg.get("per_axis", 24)),
+                        draws=int(vcfg.get("draws", 2)))
     log(f"data: {counts['train']} training pairs from {len(paths) - len(holdout)} volumes, {counts['val']} "
         f"validation pairs from {len(holdout)} held-out volume(s) -> {pairs}")
     _paired(cfg, pairs, bool(holdout))
@@ -227,7 +229,8 @@ def configure_volume_training(cfg: dict, volumes_dir: str | Path, holdout: Seque
 
 def configure_adaptation(cfg: dict, scan: str | Path, minutes: float, log: Callable[[str], object]) -> None:
     """``medsr-train --adapt SCAN``: fine-tune the through-plane model on SCAN's own in-plane slices (SMORE)
-    for ``minutes``, constant lr 1e-4, from ``model.pretrained`` (default medsr-mr-tp)."""
+    for ``minutes``, constant lr 1e-4, from ``model.pretrained`` (default medsr-mr-tp); the weights kept are
+    those with the best PSNR on the scan's own held-out in-plane slices (the starting model included)."""
     from medsr.volumes.io import read_volume
     from medsr.volumes.upscaler import DEFAULT_VOLUME_MODEL
 
@@ -242,7 +245,7 @@ def configure_adaptation(cfg: dict, scan: str | Path, minutes: float, log: Calla
     if not cfg["model"].get("pretrained"):
         cfg["model"]["pretrained"] = DEFAULT_VOLUME_MODEL
     t = cfg["train"]
-    t.update(time_limit_min=float(minutes), lr_g=1e-4, lr_schedule="constant", total_iter=max(int(t["total_iter"]), 10**6),
+    t.update(time_limit_min=float(minutes), keep_best=True, lr_g=1e-4, lr_schedule="constant", total_iter=max(int(t["total_iter"]), 10**6),
              val_every=100, save_every=10**6, log_every=25)
 
 
