@@ -59,7 +59,7 @@ def test_shipped_volume_model_is_x1_gray_and_faithful_on_smooth_data() -> None:
 
     lm = load_model("medsr-mr-tp")
     m = lm.model
-    assert (m.num_in_ch, m.num_out_ch, m.scale, m.num_block, m.num_feat) == (1, 1, 1, 3, 32)
+    assert (m.num_in_ch, m.num_out_ch, m.scale, m.num_block, m.num_feat) == (1, 1, 1, 4, 64)
     up = Upscaler.from_pretrained("medsr-mr-tp", tile=64, overlap=16)
     x, y, z = np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, 1, 36), np.linspace(0, 1, 10), indexing="ij")
     smooth = Volume((200 + 300 * z + 100 * x).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))

@@ -75,10 +75,10 @@ MODELS: dict[str, ModelEntry] = {
             name="medsr-mr-tp",
             filename="medsr-mr-tp.safetensors",
             url="",
-            sha256="206e0bf51676877d7d12c49e256e74302016b8a54c1b92bdab78254823f06d33",
+            sha256="14e78d3025c112ac7ffe76951526f227e107e968989227d39f4f273d785e3270",
             scale=1,
-            size=1_173_434,
-            description="medsr through-plane MR model (volumes): gray x1 RRDBNet 3 blocks x 32 features refining the "
+            size=6_083_058,
+            description="medsr through-plane MR model (volumes): gray x1 RRDBNet 4 blocks x 64 features refining the "
                         "B-spline through-plane interpolation, L1 only (docs/model-card-mr-tp.md)",
             license="MIT (weights trained by medsr on MIT/BSD-licensed brain MRI: docs/model-card-mr-tp.md)",
             packaged=True,
