@@ -192,3 +192,20 @@ def test_volume_training_pair_counts_follow_the_volumes_config_section(tmp_path)
     assert counts[1][0] == 3 * 4 * 2  # 3 axes x 4 slices x 2 directions
     assert counts[3][0] == 3 * counts[1][0]
     assert counts[1][1] == counts[3][1] > 0
+
+
+def test_a_tilted_volume_gets_its_factor_from_the_distance_between_slice_planes() -> None:
+    """Gantry tilt (sheared affine: each 4 mm slice shifted 1.34 mm in-plane, as the real GE series): the
+    factor and --spacing use the 4 mm between the slice planes, not the 4.22 mm step between slices, so
+    --spacing 1 gives thin slices whose planes are 1 mm apart."""
+    aff = np.diag([0.5, 0.5, 4.0, 1.0])
+    aff[1, 2] = 1.34  # the slice column leans in y
+    vol = Volume(np.zeros((16, 16, 6), np.float32), aff)
+    assert vol.spacing[2] == pytest.approx(np.hypot(4.0, 1.34))
+    assert vol.plane_distance(2) == pytest.approx(4.0)
+    p = plan(vol, target_spacing=1.0)
+    assert p.factor == pytest.approx(4.0) and p.n_out == 24
+    assert Volume(np.zeros(p.out_shape, np.float32), p.affine_out).plane_distance(2) == pytest.approx(1.0)
+    assert plan(vol).factor == pytest.approx(8.0)  # its own ratio: 4 mm over 0.5 mm in-plane
+    straight = Volume(np.zeros((16, 16, 6), np.float32), np.diag([0.5, 0.5, 4.0, 1.0]))
+    assert straight.plane_distance(2) == straight.spacing[2] == 4.0

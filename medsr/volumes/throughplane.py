@@ -143,16 +143,18 @@ def plan(volume: Volume, *, axis: int | None = None, factor: float | None = None
     if a not in (0, 1, 2):
         raise VolumeError(f"{src}axis must be 0, 1 or 2, got {axis}")
     inplane = [spacing[i] for i in range(3) if i != a]
+    # the distance between slice planes, not the step between slices: they differ with a gantry tilt (sheared)
+    gap = volume.plane_distance(a)
     if factor is not None and target_spacing is not None:
         raise VolumeError("give a factor or a target spacing, not both")
     if target_spacing is not None:
         if target_spacing <= 0:
             raise VolumeError(f"target spacing must be positive, got {target_spacing}")
-        r = spacing[a] / float(target_spacing)
+        r = gap / float(target_spacing)
     elif factor is not None:
         r = float(factor)
     else:
-        r = spacing[a] / float(np.mean(inplane))
+        r = gap / float(np.mean(inplane))
         if r < ISOTROPIC_TOLERANCE:
             sp = "x".join(f"{v:.3g}" for v in spacing)
             raise VolumeError(

@@ -66,6 +66,18 @@ class Volume:
         """Voxel size in mm along i, j, k (column norms of the affine's 3x3 part)."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
 
+    def plane_distance(self, axis: int) -> float:
+        """Distance in mm between consecutive voxel planes across ``axis`` (along the normal of the plane the
+        other two axes span). Equals ``spacing[axis]`` unless the affine is sheared (gantry tilt), where the
+        step between slices is longer than the distance between their planes."""
+        m = self.affine[:3, :3]
+        u, v = (m[:, i] for i in range(3) if i != axis)
+        n = np.cross(u, v)
+        norm = float(np.linalg.norm(n))
+        if norm == 0.0:
+            return float(np.linalg.norm(m[:, axis]))
+        return abs(float(np.dot(m[:, axis], n))) / norm
+
     def __repr__(self) -> str:
         sp = "x".join(f"{v:.3g}" for v in self.spacing)
         src = f", source={self.meta.source}" if self.meta.source else ""
