@@ -554,14 +554,13 @@ class Trainer:
                 if self.val and self.iteration % val_every:
                     last_val = self.validate()
                     self._csv("val_log.csv", {"iter": self.iteration, **last_val})
+                    if best is not None and last_val["psnr"] > best[0]["psnr"]:
+                        best = (last_val, self.iteration, self._ema_state())
                 break
         bar.close()
         if self.iteration == self.total and ckpt is None:
             ckpt = self.save_checkpoint()
         if best is not None:
-            end = self.validate()  # the final weights too (a time limit stops between validations)
-            if end["psnr"] > best[0]["psnr"]:
-                best = (end, self.iteration, self._ema_state())
             self.net_g_ema.load_state_dict(best[2])
             self.log(f"keeping the best validation: iteration {best[1]} of {self.iteration}, PSNR {best[0]['psnr']:.3f} dB")
             last_val = best[0]
