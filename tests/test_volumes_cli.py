@@ -111,10 +111,11 @@ def test_eval_volumes_writes_a_table_with_the_baselines(tmp_path: Path, tiny_x1:
                                        "-o", str(out)])
     assert r.exit_code == 0, r.output
     text = (out / "summary.md").read_text()
-    for m in ("nearest", "linear", "bspline", "tiny_x1"):
+    for m in ("nearest", "linear", "bspline", "bspline+dc", "tiny_x1"):
         assert f"| phantom | 2 | {m} |" in text
     rows = {ln.split("|")[3].strip(): float(ln.split("|")[4]) for ln in text.splitlines() if ln.startswith("| phantom")}
     assert rows["bspline"] > rows["nearest"]  # the baselines are real reconstructions, not placeholders
+    assert rows["bspline+dc"] > rows["bspline"]  # the projection undoes part of the slice profile's blur
     assert (out / "fig_phantom_r2.png").stat().st_size > 1000
 
 
@@ -134,6 +135,10 @@ def test_train_volumes_and_adapt_smoke(tmp_path: Path, tiny_x1: Path) -> None:
     assert "validation pairs from 1 held-out" in r.stderr
     weights = run / "mr_through_plane.pth"
     assert weights.exists()
+    from medsr.volumes.throughplane import THROUGH_PLANE_CONTRACT
+    from medsr.weights import load_model
+
+    assert load_model(str(weights)).model.contract == THROUGH_PLANE_CONTRACT  # the config's contract is recorded
     thick = _nifti(tmp_path / "scan.nii.gz", shape=(40, 36, 8), zooms=(1.0, 1.0, 3.0))
     run2 = tmp_path / "adapt"
     cmd = [sys.executable, "-m", "medsr.cli.train", "--adapt", str(thick), "--pretrained", str(weights),
@@ -142,3 +147,4 @@ def test_train_volumes_and_adapt_smoke(tmp_path: Path, tiny_x1: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "in-plane slices" in r.stderr and "factor 3" in r.stderr
     assert (run2 / "mr_through_plane.pth").exists()
+    assert load_model(str(run2 / "mr_through_plane.pth")).model.contract == THROUGH_PLANE_CONTRACT

@@ -209,3 +209,13 @@ def test_a_tilted_volume_gets_its_factor_from_the_distance_between_slice_planes(
     assert plan(vol).factor == pytest.approx(8.0)  # its own ratio: 4 mm over 0.5 mm in-plane
     straight = Volume(np.zeros((16, 16, 6), np.float32), np.diag([0.5, 0.5, 4.0, 1.0]))
     assert straight.plane_distance(2) == straight.spacing[2] == 4.0
+
+
+def test_volumes_factors_are_validated() -> None:
+    from medsr.train.config import ConfigError, load_config, validate
+
+    cfg = load_config("mr_through_plane")
+    assert cfg["volumes"]["factors"] == [2, 3, 4, 4] and cfg["volumes"]["consistent"] is True
+    cfg["volumes"]["factors"] = [1, 4]
+    with pytest.raises(ConfigError, match="volumes.factors"):
+        validate(cfg)

@@ -13,6 +13,9 @@ class ModelDescriptor:
     ``size_multiple``: LR height and width must be multiples of it (pixel-unshuffle factor).
     ``skip``: ``"none"`` (Real-ESRGAN) or ``"bicubic"`` (the output adds the bicubic upscale of the input;
     ``RRDBNet`` documents it). Not visible in a state dict: weights files record it in their metadata.
+    ``contract``: the call contract of a task-specific model, "" for plain super-resolution (an image in, the
+    upscaled image out). The volume path's models name theirs (``medsr.volumes.throughplane``: what the input
+    slice is and what the output means); recorded in the metadata like ``skip`` and carried by every export.
     """
 
     arch: str
@@ -26,6 +29,7 @@ class ModelDescriptor:
     supports_half: bool = True
     supports_bf16: bool = True
     skip: str = "none"
+    contract: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -81,10 +81,21 @@ def recorded_skip(obj: Mapping[str, object]) -> str:
     return str(skip)
 
 
+def recorded_contract(obj: Mapping[str, object]) -> str:
+    """The call contract a medsr weights file records (``descriptor.contract``, or the top-level ``contract`` of
+    files written before the descriptor had one); "" when absent."""
+    meta = obj.get("medsr")
+    if not isinstance(meta, Mapping):
+        return ""
+    desc = meta.get("descriptor")
+    c = desc.get("contract") if isinstance(desc, Mapping) else None
+    return str(c or meta.get("contract") or "")
+
+
 def build_from_state_dict(obj: Mapping[str, object], strict: bool = True) -> RRDBNet:
     """Build an RRDBNet and load the weights (accepts wrapped official checkpoints; a medsr metadata
     block's ``descriptor.skip`` selects the bicubic-skip variant)."""
     sd = unwrap_state_dict(obj)
-    model = RRDBNet.from_descriptor(replace(detect_rrdbnet(sd), skip=recorded_skip(obj)))
+    model = RRDBNet.from_descriptor(replace(detect_rrdbnet(sd), skip=recorded_skip(obj), contract=recorded_contract(obj)))
     model.load_state_dict(sd, strict=strict)
     return model.eval()

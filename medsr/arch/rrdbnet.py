@@ -77,6 +77,7 @@ class RRDBNet(nn.Module):
         num_block: int = 23,
         num_grow_ch: int = 32,
         skip: str = "none",
+        contract: str = "",
     ) -> None:
         super().__init__()
         if skip not in SKIPS:
@@ -92,6 +93,7 @@ class RRDBNet(nn.Module):
         self.num_block = num_block
         self.num_grow_ch = num_grow_ch
         self.skip = skip
+        self.contract = contract  # what the input and output mean (ModelDescriptor.contract); forward ignores it
         r = UNSHUFFLE[scale]
         self.unshuffle = r
         self.conv_first = nn.Conv2d(num_in_ch * r * r, num_feat, 3, 1, 1)
@@ -117,13 +119,14 @@ class RRDBNet(nn.Module):
             supports_half=True,
             supports_bf16=True,
             skip=self.skip,
+            contract=self.contract,
         )
 
     @classmethod
     def from_descriptor(cls, d: ModelDescriptor) -> RRDBNet:
         if d.arch != "RRDBNet":
             raise ValueError(f"not an RRDBNet descriptor: {d.arch}")
-        return cls(d.in_channels, d.out_channels, d.scale, d.num_feat, d.num_block, d.num_grow_ch, d.skip)
+        return cls(d.in_channels, d.out_channels, d.scale, d.num_feat, d.num_block, d.num_grow_ch, d.skip, d.contract)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = pixel_unshuffle(x, self.unshuffle)

@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
         # "none": Real-ESRGAN's generator | "bicubic": output = bicubic upscale + network (from-scratch
         # fidelity models: training starts at bicubic's quality; arch/rrdbnet.py)
         "skip": "none",
+        # the call contract recorded with the weights ("" = plain super-resolution; the volume path's models:
+        # medsr/volumes/throughplane.py)
+        "contract": "",
         "pretrained": "realesrgan-x4plus",  # registry name or path (params_ema); "" = from scratch
         "pretrained_d": "",  # path to the official RealESRGAN_x4plus_netD.pth; "" = D from scratch
         "d_num_feat": 64,
@@ -62,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "volumes": {  # medsr-train --volumes: self-supervised pairs (medsr/volumes/training.py make_pairs)
         "per_axis": 24,  # slices per volume axis
         "draws": 2,  # degradations drawn per slice and direction
+        "factors": [2, 3, 4],  # training pairs draw r from these (repeat one to weight it)
+        "consistent": False,  # inputs projected onto the acquired slices (model contract v2)
     },
     "classical": {  # data.mode = "classical" (medsr/train/classical.py); sigma/noise in LR pixels / 8-bit levels
         "down": ["bicubic", "area", "bilinear"],  # bicubic = antialiased MATLAB imresize
@@ -242,6 +247,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("model.channels must be 1 or 3")
     if m["skip"] not in ("none", "bicubic"):
         raise ConfigError("model.skip must be 'none' or 'bicubic'")
+    vf = cfg["volumes"]["factors"]
+    if not vf or any(not isinstance(f, int) or not 2 <= f <= 8 for f in vf):
+        raise ConfigError("volumes.factors must list integer factors between 2 and 8")
     if d["mode"] not in ("realesrgan", "classical", "paired"):
         raise ConfigError("data.mode must be 'realesrgan', 'classical' or 'paired'")
     if d["val_degradation"] not in ("bicubic", "protocol"):

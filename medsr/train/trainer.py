@@ -205,8 +205,11 @@ class Trainer:
                 if getattr(g, k) != int(m[k]):
                     self.log(f"generator: {k}={getattr(g, k)} from the pretrained weights (config said {m[k]})")
             self.log(f"generator: {loaded.model_id} ({loaded.source}, sha256 {loaded.sha256[:12]})")
+            if m.get("contract"):  # the config says what the trained model's input and output mean
+                g.contract = str(m["contract"])
             return g.float()
-        g = RRDBNet(self.channels, self.channels, self.scale, int(m["num_feat"]), int(m["num_block"]), int(m["num_grow_ch"]), m["skip"])
+        g = RRDBNet(self.channels, self.channels, self.scale, int(m["num_feat"]), int(m["num_block"]), int(m["num_grow_ch"]), m["skip"],
+                    str(m.get("contract", "")))
         init_rrdb_(g)
         self.log(
             f"generator: from scratch (num_feat={g.num_feat}, num_block={g.num_block}, num_grow_ch={g.num_grow_ch}, skip={g.skip})"

@@ -9,8 +9,10 @@ method reconstructs the original grid (LR coordinate of thin slice j = j / r). S
 * SSIM slice-wise: the mean 2D SSIM over the slices that contain the LR axis (both planes), the views in which
   through-plane blur shows.
 
-Rows: nearest, linear and cubic B-spline interpolation through-plane (order 0, 1, 3; mirror boundary) and the
-model (B-spline + the 2D model in two planes, mean fusion).
+Rows: nearest, linear and cubic B-spline interpolation through-plane (order 0, 1, 3; mirror boundary); the
+B-spline projected onto the acquired slices (``bspline+dc``, :mod:`medsr.volumes.consistency`: no model, the
+linear part of what a contract-v2 model starts from); and each model (its contract's input, the 2D model in two
+planes, mean fusion).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from medsr.volumes.training import simulate_thick
 from medsr.volumes.volume import Volume
 
 BASELINES = {"nearest": 0, "linear": 1, "bspline": 3}
+#: the B-spline projected onto the acquired slices (no model)
+CONSISTENT_BASELINE = "bspline+dc"
+ROW_ORDER = [*BASELINES, CONSISTENT_BASELINE]
 
 
 @dataclass
@@ -88,11 +93,15 @@ def evaluate(
         aff[:3, axis] *= r
         lr = Volume(thick, aff)
         pos = np.arange(arr.shape[axis]) / r
-        methods: list[tuple[str, object]] = [(m, o) for m, o in BASELINES.items()] + list(models.items())
+        methods: list[tuple[str, object]] = [(m, o) for m, o in BASELINES.items()]
+        methods += [(CONSISTENT_BASELINE, None), *models.items()]
         for mname, how in methods:
             t0 = time.perf_counter()
             if isinstance(how, int):
                 y = resample_axis(thick, axis, pos, how)
+            elif how is None:
+                y = np.asarray(reconstruct(lr, None, axis=axis, factor=r, positions=pos, dtype=np.float32,
+                                           consistency=True).array)
             else:
                 y = np.asarray(reconstruct(lr, how, axis=axis, factor=r, positions=pos,  # type: ignore[arg-type]
                                            dtype=np.float32).array)
@@ -114,8 +123,8 @@ def table(scores: Sequence[Score]) -> str:
     for s in scores:
         lines.append(f"| {s.volume} | {s.factor} | {s.method} | {s.psnr:.2f} | {s.ssim3d:.4f} | {s.ssim2d:.4f} | "
                      f"{s.seconds:.1f} |")
-    keys = sorted({(s.factor, s.method) for s in scores}, key=lambda k: (k[0], list(BASELINES).index(k[1])
-                                                                       if k[1] in BASELINES else 9))
+    keys = sorted({(s.factor, s.method) for s in scores},
+                  key=lambda k: (k[0], ROW_ORDER.index(k[1]) if k[1] in ROW_ORDER else len(ROW_ORDER)))
     for r, m in keys:
         sel = [s for s in scores if s.factor == r and s.method == m]
         lines.append(f"| **mean** ({len(sel)}) | {r} | {m} | {np.mean([s.psnr for s in sel]):.2f} | "

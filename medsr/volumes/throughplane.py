@@ -5,10 +5,20 @@ that axis with a cubic B-spline onto the isotropic output grid; then every 2D sl
 that contain the LR axis is refined by a 2D RRDB model through the tiled runtime (``Upscaler``, scale 1), and the
 two refined stacks are fused by the voxel-wise mean.
 
-The model's call contract (``THROUGH_PLANE_CONTRACT``): a 1-channel x1 RRDBNet whose input is a slice of the
-B-spline-interpolated volume, normalised to [0, 1] by the volume's min/max, with the LR axis along the rows;
-its output is ``0.5 + (truth - input)``, a residual around 0.5. Models trained by
-:mod:`medsr.volumes.training` follow it. Because the output is clamped to [0, 1] by every backend, one slice
+The model's call contract (``ModelDescriptor.contract``, recorded with the weights): a 1-channel x1 RRDBNet
+whose input is a slice of the interpolated volume, normalised to [0, 1] by the volume's min/max, with the LR
+axis along the rows; its output is ``0.5 + (truth - input)``, a residual around 0.5. Two versions:
+
+* ``medsr-through-plane-residual-v1``: the input is the cubic B-spline interpolation (models and engines that
+  record no contract are taken as v1);
+* ``medsr-through-plane-residual-v2`` (the shipped ``medsr-mr-tp``): the B-spline interpolation projected onto
+  the acquired slices (:mod:`medsr.volumes.consistency`: re-acquired with the nominal slice profile, Gaussian
+  FWHM = slice gap, it gives the acquired slices exactly). B-spline interpolation of blurred thick slices keeps
+  their blur; the projection removes the part of it the acquisition can see, so the model starts closer. The
+  fused result is projected again (``reconstruct(consistency=...)``): whatever the model adds, re-acquiring the
+  output gives the acquired slices.
+
+Models trained by :mod:`medsr.volumes.training` follow the contract their config names. Because the output is clamped to [0, 1] by every backend, one slice
 can move a voxel by at most half the volume's range, and the result is clipped to the input's [min, max]:
 no value outside what the scanner wrote is ever produced.
 
@@ -30,7 +40,11 @@ import numpy as np
 
 from medsr.volumes.volume import Volume, VolumeError, VolumeMeta
 
-THROUGH_PLANE_CONTRACT = "medsr-through-plane-residual-v1"
+CONTRACT_V1 = "medsr-through-plane-residual-v1"
+CONTRACT_V2 = "medsr-through-plane-residual-v2"
+#: the contract of the shipped model and of mr_through_plane.toml
+THROUGH_PLANE_CONTRACT = CONTRACT_V2
+CONTRACTS = (CONTRACT_V1, CONTRACT_V2)
 #: ratios closer to 1 than this count as isotropic: refused unless a factor is given
 ISOTROPIC_TOLERANCE = 1.2
 #: above this many output voxels the working arrays live in memory-mapped temp files
@@ -43,6 +57,19 @@ class SliceModel(Protocol):
     scale: int
 
     def __call__(self, array: np.ndarray) -> np.ndarray: ...
+
+
+def model_contract(model: object) -> str:
+    """The through-plane contract ``model`` follows: its own ``contract`` attribute or its backend's descriptor's
+    (an ``Upscaler``); none recorded = v1 (everything written before contracts were recorded). VolumeError for a
+    contract the volume path does not know."""
+    d = getattr(getattr(model, "backend", None), "descriptor", None)
+    c = getattr(model, "contract", None) or getattr(d, "contract", None) or CONTRACT_V1
+    if c not in CONTRACTS:
+        name = getattr(model, "model_id", type(model).__name__)
+        raise VolumeError(f"model {name!r} follows the call contract {c!r}, not a through-plane one "
+                          f"({', '.join(CONTRACTS)})")
+    return str(c)
 
 
 # ----------------------------------------------------------------------------------- interpolation
@@ -207,14 +234,17 @@ def reconstruct(
     dtype: np.dtype | str | None = None,
     workdir: str | Path | None = None,
     progress: Callable[[int, int], object] | None = None,
+    consistency: bool | None = None,
 ) -> Volume:
     """Restore ``volume`` to (near) isotropic voxels along its LR axis.
 
     ``model`` None gives the cubic B-spline interpolation alone (the baseline). ``planes`` 2 = both planes
     that contain the LR axis, fused by the mean (the method); 1 = the first plane only (for ablations).
-    ``positions`` overrides the output grid (LR coordinates; evaluation uses ``arange(n_hr) / r``).
-    ``dtype`` of the result: default the input's (integers rounded and clipped to the input's range).
-    ``progress(done, total)`` counts slices.
+    ``positions`` overrides the output grid (LR coordinates; evaluation uses ``arange(n_hr) / r``; uniformly
+    spaced). ``dtype`` of the result: default the input's (integers rounded and clipped to the input's range).
+    ``progress(done, total)`` counts slices. ``consistency``: project the fused result onto the acquired
+    slices (:mod:`medsr.volumes.consistency`); None = as the model's contract says (v2: yes; v1 and the
+    B-spline baseline: no). Measured in docs/volumes.md.
     """
     src = f"{volume.meta.source}: " if volume.meta.source else ""
     p = plan(volume, axis=axis, factor=factor, target_spacing=target_spacing)
@@ -228,13 +258,26 @@ def reconstruct(
                           f"x{model.scale}")
     if planes not in (1, 2):
         raise ValueError(f"planes must be 1 or 2, got {planes}")
+    contract = model_contract(model) if model is not None else None
     lo, hi = _range(volume.array, src)
     span = hi - lo if hi > lo else 1.0
     wd = Path(workdir) if workdir is not None else None
+    if consistency is None:
+        consistency = contract == CONTRACT_V2
+    projector = None
+    if contract == CONTRACT_V2 or consistency:
+        from medsr.volumes.consistency import Projector
+
+        try:
+            projector = Projector(pos, p.n_in)
+        except ValueError as e:
+            raise VolumeError(f"{src}{e}") from e
 
     interp = _scratch(p.out_shape, wd, "interp")
     resample_axis(volume.array, p.axis, pos, 3, out=interp)
-    # normalise in place, streamed; B-spline overshoot beyond the acquired range is clipped (as in training)
+    if contract == CONTRACT_V2 and projector is not None:  # the model's input: B-spline made consistent
+        projector.along(interp, volume.array, p.axis)
+    # normalise in place, streamed; overshoot beyond the acquired range is clipped (as in training)
     for i in range(interp.shape[0]):
         interp[i] = np.clip((interp[i] - lo) / span, 0.0, 1.0)
 
@@ -262,6 +305,9 @@ def reconstruct(
                 done += 1
                 if progress is not None:
                     progress(done, total)
+
+    if consistency and projector is not None:
+        projector.along(fused, volume.array, p.axis, lo=0.0, hi=1.0, y_offset=lo, y_scale=span)
 
     out_dtype = np.dtype(dtype) if dtype is not None else np.asarray(volume.array[:1, :1, :1]).dtype
     result = np.empty(p.out_shape, dtype=out_dtype) if int(np.prod(p.out_shape)) < MEMMAP_VOXELS else \

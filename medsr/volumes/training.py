@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medsr.volumes.consistency import FWHM_TO_SIGMA, TRUNCATE, Projector
 from medsr.volumes.throughplane import interp_matrix
 from medsr.volumes.volume import Volume
-
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
 def blur_axis(array: np.ndarray, axis: int, fwhm: float) -> np.ndarray:
@@ -28,16 +27,21 @@ def blur_axis(array: np.ndarray, axis: int, fwhm: float) -> np.ndarray:
     from scipy import ndimage
 
     return ndimage.gaussian_filter1d(np.asarray(array, dtype=np.float32), fwhm * FWHM_TO_SIGMA, axis=axis,
-                                     mode="mirror", truncate=4.0)
+                                     mode="mirror", truncate=TRUNCATE)
 
 
-def degrade_rows(image: np.ndarray, r: int, fwhm: float, phase: int = 0) -> np.ndarray:
+def degrade_rows(image: np.ndarray, r: int, fwhm: float, phase: int = 0, consistent: bool = False) -> np.ndarray:
     """A 2D slice thickened along its rows: blurred with the profile, every ``r``-th row kept from ``phase``,
-    and B-spline-interpolated back onto the original rows (the model's input for that slice)."""
+    and B-spline-interpolated back onto the original rows (the model's input for that slice). ``consistent``:
+    then projected onto the rows that re-acquire the thick rows under the nominal profile FWHM = ``r`` (contract
+    v2, :mod:`medsr.volumes.consistency`; the nominal profile, not ``fwhm``: the method does not know the real
+    one)."""
     h = image.shape[0]
     thick = blur_axis(image, 0, fwhm)[phase::r]
-    m = interp_matrix(thick.shape[0], (np.arange(h) - phase) / r, 3).astype(np.float32)
-    return m @ thick
+    pos = (np.arange(h) - phase) / r
+    m = interp_matrix(thick.shape[0], pos, 3).astype(np.float32)
+    x = m @ thick
+    return Projector(pos, thick.shape[0]).rows(x, thick) if consistent else x
 
 
 def simulate_thick(array: np.ndarray, axis: int, r: int, fwhm: float | None = None) -> np.ndarray:
@@ -83,13 +87,15 @@ def make_pairs(
     fwhm_jitter: tuple[float, float] = (0.8, 1.25),
     gain: tuple[float, float] = (0.5, 1.0),
     min_foreground: float = 0.15,
+    consistent: bool = False,
     seed: int = 0,
 ) -> dict[str, int]:
     """Write ``out_dir/{train,val}/{hr,lr}/*.png`` (16-bit) from (near) isotropic ``volumes``; those whose stem
     is in ``holdout`` go to val with the nominal profile (FWHM = r, phase 0, gain 1) and factors cycled.
     Training pairs draw r from ``factors``, FWHM = r x U(``fwhm_jitter``), a random phase and an intensity
     gain. Slices: ``per_axis`` evenly spaced slices per axis whose foreground (> 5 % of the max) covers at least
-    ``min_foreground`` of the slice; each slice is used with either direction as the LR one."""
+    ``min_foreground`` of the slice; each slice is used with either direction as the LR one. ``consistent``:
+    inputs for contract v2 (:func:`degrade_rows`)."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     counts = {"train": 0, "val": 0}
@@ -100,7 +106,8 @@ def make_pairs(
         counts[split] += slice_pairs(
             _load(path), out / split, name, rng, slice_axes=(0, 1, 2), factors=factors,
             per_axis=max(2, per_axis // 4) if val else per_axis, draws=1 if val else draws,
-            fwhm_jitter=None if val else fwhm_jitter, gain=None if val else gain, min_foreground=min_foreground)
+            fwhm_jitter=None if val else fwhm_jitter, gain=None if val else gain, min_foreground=min_foreground,
+            consistent=consistent)
     return counts
 
 
@@ -117,6 +124,7 @@ def slice_pairs(
     fwhm_jitter: tuple[float, float] | None,
     gain: tuple[float, float] | None,
     min_foreground: float = 0.15,
+    consistent: bool = False,
 ) -> int:
     """Pairs from the slices of a normalised volume (``vol`` in [0, 1]) perpendicular to ``slice_axes`` into
     ``out/{hr,lr}``. ``fwhm_jitter``/``gain`` None = the nominal profile (FWHM = r, phase 0, gain 1, factors
@@ -148,7 +156,7 @@ def slice_pairs(
                     g = 1.0 if gain is None else float(rng.uniform(*gain))
                     if im.shape[0] < 2 * r:
                         continue
-                    lq = np.clip(degrade_rows(im, r, fwhm, phase), 0.0, 1.0) * g
+                    lq = np.clip(degrade_rows(im, r, fwhm, phase, consistent), 0.0, 1.0) * g
                     tgt = np.clip(0.5 + im * g - lq, 0.0, 1.0)
                     stem = f"{name}_a{axis}_s{int(idx):03d}_o{orient}_r{r}_{k:05d}"
                     _write(out / "lr" / f"{stem}.png", lq)
@@ -158,11 +166,11 @@ def slice_pairs(
 
 
 def adaptation_pairs(volume: Volume, out_dir: str | Path, *, axis: int | None = None, factor: float | None = None,
-                     per_axis: int = 48, draws: int = 2, seed: int = 0) -> dict[str, int]:
+                     per_axis: int = 48, draws: int = 2, consistent: bool = False, seed: int = 0) -> dict[str, int]:
     """SMORE-style per-volume pairs: the volume's own in-plane slices (perpendicular to its LR axis, high
     resolution in both directions) degraded along either in-plane direction by the volume's own factor
     (rounded to an integer in 2..4) with jittered profiles; a tenth of the slices (nominal profile) for
-    validation. Writes ``out_dir/{train,val}/{hr,lr}``."""
+    validation. ``consistent``: inputs of contract v2. Writes ``out_dir/{train,val}/{hr,lr}``."""
     from medsr.volumes.throughplane import plan
 
     p = plan(volume, axis=axis, factor=factor)
@@ -173,9 +181,9 @@ def adaptation_pairs(volume: Volume, out_dir: str | Path, *, axis: int | None = 
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     n_tr = slice_pairs(vol, out / "train", "adapt", rng, slice_axes=(p.axis,), factors=(r,), per_axis=per_axis,
-                       draws=draws, fwhm_jitter=(0.85, 1.15), gain=(0.7, 1.0))
+                       draws=draws, fwhm_jitter=(0.85, 1.15), gain=(0.7, 1.0), consistent=consistent)
     n_va = slice_pairs(vol, out / "val", "adapt_val", rng, slice_axes=(p.axis,), factors=(r,),
-                       per_axis=max(2, per_axis // 8), draws=1, fwhm_jitter=None, gain=None)
+                       per_axis=max(2, per_axis // 8), draws=1, fwhm_jitter=None, gain=None, consistent=consistent)
     return {"train": n_tr, "val": n_va, "factor": r, "axis": p.axis}
 
 
@@ -221,7 +229,8 @@ def configure_volume_training(cfg: dict, volumes_dir: str | Path, holdout: Seque
     pairs = Path(cfg["train"]["out_dir"]) / "pairs"
     vcfg = cfg.get("volumes", {})
     counts = make_pairs(paths, pairs, holdout=holdout, per_axis=int(vcfg.get("per_axis", 24)),
-                        draws=int(vcfg.get("draws", 2)))
+                        draws=int(vcfg.get("draws", 2)), factors=tuple(int(f) for f in vcfg.get("factors", (2, 3, 4))),
+                        consistent=bool(vcfg.get("consistent", False)))
     log(f"data: {counts['train']} training pairs from {len(paths) - len(holdout)} volumes, {counts['val']} "
         f"validation pairs from {len(holdout)} held-out volume(s) -> {pairs}")
     _paired(cfg, pairs, bool(holdout))
@@ -232,18 +241,23 @@ def configure_adaptation(cfg: dict, scan: str | Path, minutes: float, log: Calla
     for ``minutes``, constant lr 1e-4, from ``model.pretrained`` (default medsr-mr-tp); the weights kept are
     those with the best PSNR on the scan's own held-out in-plane slices (the starting model included)."""
     from medsr.volumes.io import read_volume
+    from medsr.volumes.throughplane import CONTRACT_V2, model_contract
     from medsr.volumes.upscaler import DEFAULT_VOLUME_MODEL
+    from medsr.weights import load_model
 
+    if not cfg["model"].get("pretrained"):
+        cfg["model"]["pretrained"] = DEFAULT_VOLUME_MODEL
+    # the adapted model keeps the starting model's contract: its pairs are made for it
+    contract = model_contract(load_model(cfg["model"]["pretrained"]).model)
+    cfg["model"]["contract"] = contract
     vol = read_volume(scan)
     pairs = Path(cfg["train"]["out_dir"]) / "pairs"
-    counts = adaptation_pairs(vol, pairs)
+    counts = adaptation_pairs(vol, pairs, consistent=contract == CONTRACT_V2)
     if counts["train"] == 0:
         raise ValueError(f"{scan}: no in-plane slice holds signal to adapt on (the volume is empty or constant)")
     log(f"data: {counts['train']} training + {counts['val']} validation pairs from the in-plane slices of {scan} "
         f"(LR axis {'ijk'[counts['axis']]}, factor {counts['factor']})")
     _paired(cfg, pairs, True)
-    if not cfg["model"].get("pretrained"):
-        cfg["model"]["pretrained"] = DEFAULT_VOLUME_MODEL
     t = cfg["train"]
     t.update(time_limit_min=float(minutes), keep_best=True, lr_g=1e-4, lr_schedule="constant", total_iter=max(int(t["total_iter"]), 10**6),
              val_every=100, save_every=10**6, log_every=25)
