@@ -60,6 +60,9 @@ def test_shipped_volume_model_is_x1_gray_and_faithful_on_smooth_data() -> None:
     lm = load_model("medsr-mr-tp")
     m = lm.model
     assert (m.num_in_ch, m.num_out_ch, m.scale, m.num_block, m.num_feat) == (1, 1, 1, 4, 64)
+    from medsr.volumes.throughplane import THROUGH_PLANE_CONTRACT
+
+    assert m.contract == THROUGH_PLANE_CONTRACT  # the input it was trained on is the one the method gives it
     up = Upscaler.from_pretrained("medsr-mr-tp", tile=64, overlap=16)
     x, y, z = np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, 1, 36), np.linspace(0, 1, 10), indexing="ij")
     smooth = Volume((200 + 300 * z + 100 * x).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))

@@ -143,3 +143,28 @@ def test_weights_record_the_contract_and_exports_carry_it(tmp_path) -> None:
     for spec, runtime in ((p, "torch"), (p, "openvino"), (onnx_path, "onnxruntime"), (onnx_path, "openvino")):
         up = Upscaler.load(str(spec), runtime=runtime)  # what the volume path reads to pick the input
         assert model_contract(up) == CONTRACT_V2, (spec, runtime)
+
+
+def test_slice_profile_comes_from_a_dicom_slice_thickness_and_changes_the_projection() -> None:
+    from pydicom.dataset import Dataset
+
+    from medsr.volumes import VolumeMeta
+    from medsr.volumes.throughplane import slice_profile
+
+    arr = _smooth((8, 7, 10))
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    assert slice_profile(Volume(arr, aff), 2)[0] == 1.0  # NIfTI: nothing recorded, thickness = gap
+    ds = Dataset()
+    ds.SliceThickness = "2.4"  # 2.4 mm slices 4 mm apart: a gap between them
+    dicom = Volume(arr, aff, VolumeMeta(format="dicom", datasets=[ds]))
+    f, why = slice_profile(dicom, 2)
+    assert f == pytest.approx(0.6) and "SliceThickness 2.4" in why
+    ds.SliceThickness = "40"
+    assert slice_profile(dicom, 2)[0] == 2.0  # bounded
+    ds.SliceThickness = "2.4"
+    out = reconstruct(dicom, Flat(CONTRACT_V2), dtype=np.float32)
+    assert any("SliceThickness 2.4" in n for n in out.meta.notes)
+    a = forward_matrix((np.arange(40) + 0.5) / 4 - 0.5, 10, fwhm=0.6)
+    misfit = float(np.mean(np.abs(np.einsum("kn,ijn->ijk", a, out.array) - arr)))
+    nominal = reconstruct(Volume(arr, aff), Flat(CONTRACT_V2), dtype=np.float32).array
+    assert misfit < 0.2 * float(np.mean(np.abs(np.einsum("kn,ijn->ijk", a, nominal) - arr)))

@@ -202,6 +202,39 @@ def plan(volume: Volume, *, axis: int | None = None, factor: float | None = None
     return Plan(a, r, n_in, n_out, volume.shape, spacing, aff)
 
 
+# ----------------------------------------------------------------------------------- the slice profile
+
+#: the slice profile's FWHM, in slice gaps, is kept within these bounds whatever a header says
+PROFILE_RANGE = (0.5, 2.0)
+
+
+def _thickness(ds: Any) -> float | None:
+    t = getattr(ds, "SliceThickness", None)
+    if t is None:  # enhanced multi-frame: the shared functional groups' pixel measures
+        try:
+            t = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
+        except (AttributeError, IndexError, KeyError):
+            return None
+    try:
+        v = float(t)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def slice_profile(volume: Volume, axis: int) -> tuple[float, str]:
+    """The slice profile's FWHM in units of the distance between slice planes, and where it came from: a DICOM
+    series' SliceThickness over that distance when the LR axis is its slice axis (k), kept within
+    ``PROFILE_RANGE``; otherwise 1.0 (thickness = gap: NIfTI/MGZ files do not record a thickness)."""
+    if volume.meta.format == "dicom" and axis == 2 and volume.meta.datasets:
+        t = _thickness(volume.meta.datasets[0])
+        gap = volume.plane_distance(axis)
+        if t is not None and gap > 0:
+            f = min(max(t / gap, PROFILE_RANGE[0]), PROFILE_RANGE[1])
+            return f, f"slice profile FWHM {f:.3g} slice gaps (SliceThickness {t:g} mm, gap {gap:.4g} mm)"
+    return 1.0, "slice profile FWHM 1 slice gap (assumed: thickness = gap)"
+
+
 # ----------------------------------------------------------------------------------- the method
 
 
@@ -235,6 +268,7 @@ def reconstruct(
     workdir: str | Path | None = None,
     progress: Callable[[int, int], object] | None = None,
     consistency: bool | None = None,
+    profile: float | None = None,
 ) -> Volume:
     """Restore ``volume`` to (near) isotropic voxels along its LR axis.
 
@@ -244,7 +278,8 @@ def reconstruct(
     spaced). ``dtype`` of the result: default the input's (integers rounded and clipped to the input's range).
     ``progress(done, total)`` counts slices. ``consistency``: project the fused result onto the acquired
     slices (:mod:`medsr.volumes.consistency`); None = as the model's contract says (v2: yes; v1 and the
-    B-spline baseline: no). Measured in docs/volumes.md.
+    B-spline baseline: no). Measured in docs/volumes.md. ``profile``: the slice profile's FWHM in slice gaps
+    that the projections assume (None: :func:`slice_profile`).
     """
     src = f"{volume.meta.source}: " if volume.meta.source else ""
     p = plan(volume, axis=axis, factor=factor, target_spacing=target_spacing)
@@ -265,11 +300,17 @@ def reconstruct(
     if consistency is None:
         consistency = contract == CONTRACT_V2
     projector = None
+    notes = [*volume.meta.notes, p.describe()]
     if contract == CONTRACT_V2 or consistency:
         from medsr.volumes.consistency import Projector
 
+        if profile is None:
+            profile, why = slice_profile(volume, p.axis)
+        else:
+            why = f"slice profile FWHM {profile:g} slice gaps (given)"
+        notes.append(why)
         try:
-            projector = Projector(pos, p.n_in)
+            projector = Projector(pos, p.n_in, fwhm=float(profile))
         except ValueError as e:
             raise VolumeError(f"{src}{e}") from e
 
@@ -317,7 +358,6 @@ def reconstruct(
         if out_dtype.kind in "iu":
             v = np.clip(np.rint(v), lo, hi)
         result[i] = v.astype(out_dtype)
-    notes = [*volume.meta.notes, p.describe()]
     meta = VolumeMeta(source=volume.meta.source, format=volume.meta.format, units=volume.meta.units,
                       series_uid=volume.meta.series_uid, study_uid=volume.meta.study_uid,
                       modality=volume.meta.modality, datasets=volume.meta.datasets, notes=notes,

@@ -64,17 +64,18 @@ class VolumeUpscaler:
         return f"VolumeUpscaler({inner}, planes={self.planes})"
 
     def __call__(self, array: np.ndarray, affine: np.ndarray, *, axis: int | None = None,
-                 factor: float | None = None, spacing: float | None = None,
+                 factor: float | None = None, spacing: float | None = None, profile: float | None = None,
                  progress: Callable[[int, int], object] | None = None) -> tuple[np.ndarray, np.ndarray]:
         out = self.upscale_volume(Volume(np.asarray(array), affine), axis=axis, factor=factor, spacing=spacing,
-                                  progress=progress)
+                                  profile=profile, progress=progress)
         return np.asarray(out.array), out.affine
 
     def upscale_volume(self, volume: Volume, *, axis: int | None = None, factor: float | None = None,
                        spacing: float | None = None, progress: Callable[[int, int], object] | None = None,
-                       workdir: str | os.PathLike[str] | None = None) -> Volume:
+                       workdir: str | os.PathLike[str] | None = None, profile: float | None = None) -> Volume:
+        """``profile``: the slice profile's FWHM in slice gaps (None: a DICOM SliceThickness, else 1)."""
         return reconstruct(volume, self.upscaler, axis=axis, factor=factor, target_spacing=spacing,
-                           planes=self.planes, progress=progress, workdir=workdir)
+                           planes=self.planes, progress=progress, workdir=workdir, profile=profile)
 
     def plan(self, volume: Volume, **kw: Any) -> Any:
         return plan(volume, **kw)

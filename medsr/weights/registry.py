@@ -75,11 +75,12 @@ MODELS: dict[str, ModelEntry] = {
             name="medsr-mr-tp",
             filename="medsr-mr-tp.safetensors",
             url="",
-            sha256="14e78d3025c112ac7ffe76951526f227e107e968989227d39f4f273d785e3270",
+            sha256="e6c67d6c2a7da5fd90af82301391630c4761f585310777b86b86f7a493da240b",
             scale=1,
-            size=6_083_058,
+            size=6_083_218,
             description="medsr through-plane MR model (volumes): gray x1 RRDBNet 4 blocks x 64 features refining the "
-                        "B-spline through-plane interpolation, L1 only (docs/model-card-mr-tp.md)",
+                        "B-spline through-plane interpolation projected onto the acquired slices (contract v2), L1 "
+                        "only (docs/model-card-mr-tp.md)",
             license="MIT (weights trained by medsr on MIT/BSD-licensed brain MRI: docs/model-card-mr-tp.md)",
             packaged=True,
         ),
